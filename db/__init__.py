@@ -1,0 +1,1 @@
+"""Database access: settings, connections, table metadata and Alembic migrations."""
