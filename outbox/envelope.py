@@ -1,0 +1,57 @@
+"""The CloudEvents 1.0 envelope of an outbox event, and its JSON body.
+
+The body is rendered from the stored row the same way every time, so a redelivered event carries
+the same bytes as the first attempt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+SOURCE = "payments"
+
+
+def rfc3339(moment: datetime) -> str:
+    """UTC, microseconds, `Z` suffix: 2026-11-27T01:02:03.456789Z."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """An event to publish: what happened (`type`), to what (`subject`), and the object."""
+
+    type: str
+    subject: str
+    data: dict[str, Any]
+    merchant_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    id: str
+    type: str
+    subject: str
+    sequence: int
+    time: datetime
+    data: dict[str, Any]
+    merchant_id: str | None = None
+
+    def envelope(self) -> dict[str, Any]:
+        return {
+            "specversion": "1.0",
+            "id": self.id,
+            "source": SOURCE,
+            "type": self.type,
+            "subject": self.subject,
+            "sequence": self.sequence,
+            "time": rfc3339(self.time),
+            "datacontenttype": "application/json",
+            "data": self.data,
+        }
+
+    def body(self) -> bytes:
+        return orjson.dumps(self.envelope())
