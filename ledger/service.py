@@ -196,7 +196,9 @@ def _balance_event(
     return NewEvent(
         "account.balance_changed",
         acct.id,
-        objects.balance_changed(acct.id, acct.currency, delta, acct.balance, cause_object, cause_id),
+        objects.balance_changed(
+            acct.id, acct.currency, delta, acct.balance, cause_object, cause_id
+        ),
         merchant.id,
     )
 

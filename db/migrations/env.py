@@ -12,7 +12,9 @@ config = context.config
 _NOT_OURS = {"backlog", "dead_letters", "alembic_version"}
 
 
-def _include_object(obj: object, name: str | None, type_: str, reflected: bool, compare_to: object) -> bool:
+def _include_object(
+    obj: object, name: str | None, type_: str, reflected: bool, compare_to: object
+) -> bool:
     # Views are created by hand-written SQL in the migrations; they are not tables to compare.
     if type_ == "table" and reflected and compare_to is None and name in _NOT_OURS:
         return False
