@@ -364,9 +364,13 @@ async def create_refund(
     if status != "succeeded":
         raise InvalidRequest(f"Payment {payment_id} did not succeed; there is nothing to refund.")
     remaining = paid - refunded
+    if amount is None and remaining == 0:
+        raise RefundExceedsPayment(
+            f"Payment {payment_id} is already fully refunded.", param="amount"
+        )
     if amount is None:
         amount = remaining
-    if amount > remaining or amount <= 0:
+    if amount > remaining:
         raise RefundExceedsPayment(
             f"Payment {payment_id} has {remaining} left to refund; {amount} was asked.",
             param="amount",

@@ -1,0 +1,91 @@
+"""The Starlette application: routes, the connection pool, and one error handler for all."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+
+from api import routes_events, routes_ledger, routes_ops, routes_webhooks
+from api.errors import LedgerError, MethodNotAllowed, NotFound, Unavailable
+from api.http import problem_response
+from api.metrics import MetricsMiddleware
+from db.settings import database_url
+
+log = logging.getLogger("payments.api")
+
+ROUTES = [
+    *routes_ledger.routes,
+    *routes_events.routes,
+    *routes_webhooks.routes,
+    *routes_ops.routes,
+]
+
+
+async def _configure(conn: AsyncConnection) -> None:
+    await conn.set_autocommit(True)
+
+
+async def _ledger_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, LedgerError)
+    headers = {"Retry-After": "1"} if isinstance(exc, Unavailable) else None
+    return problem_response(exc, headers)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 405:
+        return problem_response(MethodNotAllowed(f"{request.method} is not allowed here."))
+    if exc.status_code == 404:
+        return problem_response(NotFound(f"No route {request.url.path}."))
+    error = LedgerError(str(exc.detail))
+    error.status = exc.status_code
+    return problem_response(error)
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    error = LedgerError("An unexpected error occurred; it has been logged.")
+    error.status, error.code, error.title = 500, "internal_error", "Internal error"
+    return problem_response(error)
+
+
+def create_app(url: str | None = None, pool_size: int = 16) -> Starlette:
+    conninfo = url or database_url()
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        pool = AsyncConnectionPool(
+            conninfo,
+            min_size=2,
+            max_size=pool_size,
+            configure=_configure,
+            kwargs={"application_name": "payments-api"},
+            timeout=5,
+            open=False,
+        )
+        await pool.open(wait=False)
+        app.state.pool = pool
+        try:
+            yield
+        finally:
+            await pool.close()
+
+    return Starlette(
+        routes=ROUTES,
+        lifespan=lifespan,
+        middleware=[Middleware(MetricsMiddleware)],
+        exception_handlers={
+            LedgerError: _ledger_error,
+            HTTPException: _http_error,
+            Exception: _unexpected,
+        },
+    )

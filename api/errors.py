@@ -1,0 +1,81 @@
+"""API errors. Everything the client can get wrong is an `ApiError` (a `LedgerError`, so one
+handler renders both as RFC 9457 problem+json)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ledger.errors import InvalidRequest, LedgerError, NotFound
+
+__all__ = [
+    "ApiError",
+    "IdempotencyKeyInUse",
+    "IdempotencyKeyReused",
+    "InvalidRequest",
+    "LedgerError",
+    "NotFound",
+    "PayloadTooLarge",
+    "Unauthenticated",
+    "Unavailable",
+    "UnsupportedMediaType",
+    "problem",
+]
+
+ApiError = LedgerError
+PROBLEM_TYPE = "https://docs.payments.local/errors#"
+
+
+class Unauthenticated(LedgerError):
+    status = 401
+    code = "unauthenticated"
+    title = "Unauthenticated"
+
+
+class IdempotencyKeyInUse(LedgerError):
+    status = 409
+    code = "idempotency_key_in_use"
+    title = "Idempotency key in use"
+
+
+class IdempotencyKeyReused(LedgerError):
+    status = 422
+    code = "idempotency_key_reused"
+    title = "Idempotency key reused"
+
+
+class PayloadTooLarge(LedgerError):
+    status = 413
+    code = "payload_too_large"
+    title = "Payload too large"
+
+
+class UnsupportedMediaType(LedgerError):
+    status = 415
+    code = "unsupported_media_type"
+    title = "Unsupported media type"
+
+
+class Unavailable(LedgerError):
+    status = 503
+    code = "unavailable"
+    title = "Service unavailable"
+
+
+class MethodNotAllowed(LedgerError):
+    status = 405
+    code = "method_not_allowed"
+    title = "Method not allowed"
+
+
+def problem(error: LedgerError) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "type": PROBLEM_TYPE + error.code,
+        "title": error.title,
+        "status": error.status,
+        "detail": error.detail,
+        "code": error.code,
+    }
+    if error.param is not None:
+        body["param"] = error.param
+    body.update(error.extra)
+    return body

@@ -1,0 +1,91 @@
+"""Request parsing and responses: bounded JSON bodies, problem+json, Stripe-style lists."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+from api.errors import (
+    InvalidRequest,
+    LedgerError,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    problem,
+)
+
+MAX_BODY = 64 * 1024
+
+
+class JSONResponse(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return content if isinstance(content, bytes) else orjson.dumps(content)
+
+
+def json_response(
+    body: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def problem_response(error: LedgerError, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        orjson.dumps(problem(error)),
+        status_code=error.status,
+        media_type="application/problem+json",
+        headers=headers,
+    )
+
+
+async def read_body(request: Request) -> bytes:
+    """The raw body, refused past 64 KiB whatever Content-Length claims."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            if int(declared) > MAX_BODY:
+                raise PayloadTooLarge(f"The body is larger than {MAX_BODY} bytes.")
+        except ValueError:
+            raise InvalidRequest("Content-Length is not a number.") from None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise PayloadTooLarge(f"The body is larger than {MAX_BODY} bytes.")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def json_body(request: Request) -> dict[str, Any]:
+    """The body as a JSON object; an empty body is `{}`."""
+    raw = await read_body(request)
+    if not raw.strip():
+        return {}
+    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    is_json = media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json")
+    )
+    if not is_json:
+        raise UnsupportedMediaType("The body must be application/json.")
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"The body is not valid JSON: {exc.msg}.") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("The body must be a JSON object.")
+    return data
+
+
+def page(
+    items: list[dict[str, Any]], limit: int, reverse: bool
+) -> dict[str, Any]:
+    """A list response from up to limit+1 rows (the extra row only says there is more)."""
+    has_more = len(items) > limit
+    items = items[:limit]
+    if reverse:
+        items.reverse()
+    return {"object": "list", "data": items, "has_more": has_more}

@@ -1,0 +1,219 @@
+"""Accounts, entries, deposits, payments, refunds and payouts. Validation here; money moves in
+ledger.service."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from psycopg import AsyncConnection
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from api import uow, validate
+from api.errors import NotFound, problem
+from api.http import json_body
+from api.lists import fetch_page
+from ledger import objects, service
+from ledger.service import Merchant
+
+Result = tuple[int, Any]
+
+_ACCOUNT_COLUMNS = "id, currency, balance, created_at, metadata"
+_PAYMENT_COLUMNS = (
+    "id, source_id, destination_id, amount, amount_refunded, currency, status, failure_code,"
+    " description, metadata, created_at"
+)
+
+
+def _account(row: tuple[Any, ...]) -> dict[str, Any]:
+    return objects.account(row[0], row[1], row[2], row[3], row[4])
+
+
+def _payment(row: tuple[Any, ...]) -> dict[str, Any]:
+    return objects.payment(*row)
+
+
+def _entry(row: tuple[Any, ...]) -> dict[str, Any]:
+    return objects.entry(*row)
+
+
+# --- accounts -----------------------------------------------------------------------------------
+
+
+async def create_account(request: Request) -> Response:
+    body = await json_body(request)
+    validate.only(body, "currency", "metadata")
+    currency = validate.currency(validate.required(body, "currency"))
+    metadata = validate.metadata(body)
+
+    async def run(conn: AsyncConnection, merchant: Merchant) -> Result:
+        return 201, await service.create_account(conn, merchant, currency, metadata)
+
+    return await uow.write(request, body, run)
+
+
+async def get_account(request: Request) -> Response:
+    account_id = request.path_params["id"]
+
+    async def run(conn: AsyncConnection, merchant: Merchant) -> Result:
+        cur = await conn.execute(
+            f"SELECT {_ACCOUNT_COLUMNS} FROM accounts"
+            " WHERE id = %s AND merchant_id = %s AND kind = 'customer'",
+            (account_id, merchant.id),
+        )
+        row = await cur.fetchone()
+        if row is None:
+            raise NotFound(f"No such account: {account_id}", param="id")
+        return 200, _account(row)
+
+    return await uow.read(request, run)
+
+
+async def list_accounts(request: Request) -> Response:
+    lp = validate.list_params(request.query_params)
+
+    async def run(conn: AsyncConnection, merchant: Merchant) -> Result:
+        return 200, await fetch_page(
+            conn,
+            f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE merchant_id = %s"
+            " AND kind = 'customer'",
+            [merchant.id],
+            lp,
+            _account,
+        )
+
+    return await uow.read(request, run)
+
+
+async def list_entries(request: Request) -> Response:
+    account_id = request.path_params["id"]
+    lp = validate.list_params(request.query_params)
+
+    async def run(conn: AsyncConnection, merchant: Merchant) -> Result:
+        cur = await conn.execute(
+            "SELECT 1 FROM accounts WHERE id = %s AND merchant_id = %s AND kind = 'customer'",
+            (account_id, merchant.id),
+        )
+        if await cur.fetchone() is None:
+            raise NotFound(f"No such account: {account_id}", param="id")
+        return 200, await fetch_page(
+            conn,
+            "SELECT id, account_id, amount, balance_after, currency, ref, created_at"
+            " FROM ledger_entries WHERE account_id = %s",
+            [account_id],
+            lp,
+            _entry,
+        )
+
+    return await uow.read(request, run)
+
+
+# --- money movements ----------------------------------------------------------------------------
+
+
+def _movement_fields(body: dict[str, Any]) -> tuple[str, int, str]:
+    validate.only(body, "account", "amount", "currency")
+    account_id = validate.object_id(validate.required(body, "account"), "account")
+    amount = validate.amount(validate.required(body, "amount"))
+    currency = validate.currency(validate.required(body, "currency"))
+    return account_id, amount, currency
+
+
+async def create_deposit(request: Request) -> Response:
+    body = await json_body(request)
+    account_id, amount, currency = _movement_fields(body)
+
+    async def run(conn: AsyncConnection, merchant: Merchant) -> Result:
+        return 201, await service.create_deposit(conn, merchant, account_id, amount, currency)
+
+    return await uow.write(request, body, run)
+
+
+async def create_payout(request: Request) -> Response:
+    body = await json_body(request)
+    account_id, amount, currency = _movement_fields(body)
+
+    async def run(conn: AsyncConnection, merchant: Merchant) -> Result:
+        return 201, await service.create_payout(conn, merchant, account_id, amount, currency)
+
+    return await uow.write(request, body, run)
+
+
+async def create_payment(request: Request) -> Response:
+    body = await json_body(request)
+    validate.only(body, "source", "destination", "amount", "currency", "description", "metadata")
+    source = validate.object_id(validate.required(body, "source"), "source")
+    destination = validate.object_id(validate.required(body, "destination"), "destination")
+    amount = validate.amount(validate.required(body, "amount"))
+    currency = validate.currency(validate.required(body, "currency"))
+    description = validate.optional_text(body, "description")
+    metadata = validate.metadata(body)
+
+    async def run(conn: AsyncConnection, merchant: Merchant) -> Result:
+        result = await service.create_payment(
+            conn, merchant, source, destination, amount, currency, description, metadata
+        )
+        if result.error is not None:
+            # The failed payment is recorded and committed; the client gets 402 with it.
+            return result.error.status, {**problem(result.error), "payment": result.payment}
+        return 201, result.payment
+
+    return await uow.write(request, body, run)
+
+
+async def get_payment(request: Request) -> Response:
+    payment_id = request.path_params["id"]
+
+    async def run(conn: AsyncConnection, merchant: Merchant) -> Result:
+        cur = await conn.execute(
+            f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE id = %s AND merchant_id = %s",
+            (payment_id, merchant.id),
+        )
+        row = await cur.fetchone()
+        if row is None:
+            raise NotFound(f"No such payment: {payment_id}", param="id")
+        return 200, _payment(row)
+
+    return await uow.read(request, run)
+
+
+async def list_payments(request: Request) -> Response:
+    lp = validate.list_params(request.query_params)
+
+    async def run(conn: AsyncConnection, merchant: Merchant) -> Result:
+        return 200, await fetch_page(
+            conn,
+            f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE merchant_id = %s",
+            [merchant.id],
+            lp,
+            _payment,
+        )
+
+    return await uow.read(request, run)
+
+
+async def create_refund(request: Request) -> Response:
+    payment_id = request.path_params["id"]
+    body = await json_body(request)
+    validate.only(body, "amount")
+    amount = validate.amount(body["amount"]) if body.get("amount") is not None else None
+
+    async def run(conn: AsyncConnection, merchant: Merchant) -> Result:
+        return 201, await service.create_refund(conn, merchant, payment_id, amount)
+
+    return await uow.write(request, body, run)
+
+
+routes = [
+    Route("/v1/accounts", create_account, methods=["POST"]),
+    Route("/v1/accounts", list_accounts, methods=["GET"]),
+    Route("/v1/accounts/{id}", get_account, methods=["GET"]),
+    Route("/v1/accounts/{id}/entries", list_entries, methods=["GET"]),
+    Route("/v1/deposits", create_deposit, methods=["POST"]),
+    Route("/v1/payments", create_payment, methods=["POST"]),
+    Route("/v1/payments", list_payments, methods=["GET"]),
+    Route("/v1/payments/{id}", get_payment, methods=["GET"]),
+    Route("/v1/payments/{id}/refunds", create_refund, methods=["POST"]),
+    Route("/v1/payouts", create_payout, methods=["POST"]),
+]

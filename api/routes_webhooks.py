@@ -1,0 +1,245 @@
+"""Webhook endpoints: each one is also an outbox consumer (named by its id) that receives the
+merchant's events matching its `event_types`. The signing secret is shown only at creation."""
+
+from __future__ import annotations
+
+import base64
+import os
+import secrets
+from datetime import datetime
+from typing import Any
+
+from psycopg import AsyncConnection
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from api import uow, validate
+from api.errors import InvalidRequest, NotFound
+from api.http import json_body
+from api.lists import fetch_page
+from ledger.ids import new_id
+from ledger.service import Merchant
+from outbox.envelope import rfc3339
+
+Result = tuple[int, Any]
+_COLUMNS = "id, url, event_types, description, status, created_at"
+DELIVERY_STATUSES = ("pending", "delivered", "dead")
+
+
+def _endpoint(row: tuple[Any, ...], secret: str | None = None) -> dict[str, Any]:
+    obj: dict[str, Any] = {
+        "id": row[0],
+        "object": "webhook_endpoint",
+        "url": row[1],
+        "event_types": list(row[2]),
+        "description": row[3],
+        "status": row[4],
+        "created_at": rfc3339(row[5]),
+    }
+    if secret is not None:
+        obj["secret"] = secret
+    return obj
+
+
+def _allowed_networks() -> str:
+    return os.environ.get("OUTBOX_WEBHOOK_ALLOWED_NETWORKS", "")
+
+
+async def _check_url(value: Any) -> str:
+    from outbox.urlguard import UrlRefused, check_url_async
+
+    if not isinstance(value, str) or not value or len(value) > 2048:
+        raise InvalidRequest("url must be an https:// URL.", param="url")
+    try:
+        await check_url_async(value, _allowed_networks())
+    except UrlRefused as exc:
+        raise InvalidRequest(f"url is not allowed: {exc}", param="url") from None
+    return value
+
+
+async def _owned(conn: AsyncConnection, merchant: Merchant, endpoint_id: str) -> tuple[Any, ...]:
+    cur = await conn.execute(
+        f"SELECT {_COLUMNS} FROM webhook_endpoints WHERE id = %s AND merchant_id = %s",
+        (endpoint_id, merchant.id),
+    )
+    row = await cur.fetchone()
+    if row is None:
+        raise NotFound(f"No such webhook endpoint: {endpoint_id}", param="id")
+    return row
+
+
+async def create_endpoint(request: Request) -> Response:
+    body = await json_body(request)
+    validate.only(body, "url", "event_types", "description")
+    url = await _check_url(validate.required(body, "url"))
+    event_types = validate.event_types(validate.required(body, "event_types"))
+    description = validate.optional_text(body, "description")
+
+    async def run(conn: AsyncConnection, merchant: Merchant) -> Result:
+        endpoint_id = new_id("we")
+        secret = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+        cur = await conn.execute(
+            "INSERT INTO webhook_endpoints (id, merchant_id, url, event_types, description, secret)"
+            f" VALUES (%s, %s, %s, %s, %s, %s) RETURNING {_COLUMNS}",
+            (endpoint_id, merchant.id, url, event_types, description, secret),
+        )
+        row = await cur.fetchone()
+        assert row is not None
+        await conn.execute(
+            "INSERT INTO outbox.consumers (name, kind, merchant_id, event_types)"
+            " VALUES (%s, 'webhook', %s, %s)",
+            (endpoint_id, merchant.id, event_types),
+        )
+        return 201, _endpoint(row, secret)
+
+    return await uow.write(request, body, run)
+
+
+async def get_endpoint(request: Request) -> Response:
+    endpoint_id = request.path_params["id"]
+
+    async def run(conn: AsyncConnection, merchant: Merchant) -> Result:
+        return 200, _endpoint(await _owned(conn, merchant, endpoint_id))
+
+    return await uow.read(request, run)
+
+
+async def list_endpoints(request: Request) -> Response:
+    lp = validate.list_params(request.query_params)
+
+    async def run(conn: AsyncConnection, merchant: Merchant) -> Result:
+        return 200, await fetch_page(
+            conn,
+            f"SELECT {_COLUMNS} FROM webhook_endpoints WHERE merchant_id = %s",
+            [merchant.id],
+            lp,
+            _endpoint,
+        )
+
+    return await uow.read(request, run)
+
+
+async def update_endpoint(request: Request) -> Response:
+    endpoint_id = request.path_params["id"]
+    body = await json_body(request)
+    validate.only(body, "url", "event_types", "status", "description")
+    url = await _check_url(body["url"]) if "url" in body else None
+    event_types = validate.event_types(body["event_types"]) if "event_types" in body else None
+    status = body.get("status")
+    if "status" in body and status not in ("enabled", "disabled"):
+        raise InvalidRequest('status must be "enabled" or "disabled".', param="status")
+    description = validate.optional_text(body, "description")
+
+    async def run(conn: AsyncConnection, merchant: Merchant) -> Result:
+        from outbox.consumers import disable_consumer, enable_consumer
+
+        before = await _owned(conn, merchant, endpoint_id)
+        cur = await conn.execute(
+            "UPDATE webhook_endpoints SET url = coalesce(%s, url),"
+            " event_types = coalesce(%s, event_types),"
+            " description = CASE WHEN %s THEN %s ELSE description END"
+            f" WHERE id = %s RETURNING {_COLUMNS}",
+            (url, event_types, "description" in body, description, endpoint_id),
+        )
+        row = await cur.fetchone()
+        assert row is not None
+        if event_types is not None:
+            await conn.execute(
+                "UPDATE outbox.consumers SET event_types = %s WHERE name = %s",
+                (event_types, endpoint_id),
+            )
+        if status == "disabled" and before[4] != "disabled":
+            await disable_consumer(conn, endpoint_id, "disabled through the API")
+        elif status == "enabled" and before[4] != "enabled":
+            await enable_consumer(conn, endpoint_id)
+        return 200, _endpoint(await _owned(conn, merchant, endpoint_id))
+
+    return await uow.write(request, body, run)
+
+
+async def delete_endpoint(request: Request) -> Response:
+    endpoint_id = request.path_params["id"]
+
+    async def run(conn: AsyncConnection, merchant: Merchant) -> Result:
+        await _owned(conn, merchant, endpoint_id)
+        await conn.execute("DELETE FROM outbox.deliveries WHERE consumer = %s", (endpoint_id,))
+        await conn.execute("DELETE FROM outbox.consumers WHERE name = %s", (endpoint_id,))
+        await conn.execute("DELETE FROM webhook_endpoints WHERE id = %s", (endpoint_id,))
+        return 204, None
+
+    return await uow.write(request, {}, run)
+
+
+def _delivery(row: tuple[Any, ...]) -> dict[str, Any]:
+    event, status, attempts, code, error, next_at, delivered_at = row
+    return {
+        "object": "webhook_delivery",
+        "event": event,
+        "status": status,
+        "attempts": attempts,
+        "last_status_code": code,
+        "last_error": error,
+        "next_attempt_at": (
+            rfc3339(next_at) if status == "pending" and next_at != datetime.max else None
+        ),
+        "delivered_at": rfc3339(delivered_at) if delivered_at else None,
+    }
+
+
+async def list_deliveries(request: Request) -> Response:
+    endpoint_id = request.path_params["id"]
+    lp = validate.list_params(request.query_params)
+    status = request.query_params.get("status")
+    if status is not None and status not in DELIVERY_STATUSES:
+        raise InvalidRequest("status must be pending, delivered or dead.", param="status")
+
+    async def run(conn: AsyncConnection, merchant: Merchant) -> Result:
+        await _owned(conn, merchant, endpoint_id)
+        where = "consumer = %s" + (" AND status = %s" if status else "")
+        params = [endpoint_id] + ([status] if status else [])
+        return 200, await fetch_page(
+            conn,
+            "SELECT event_id, status, attempts, last_status_code, last_error,"
+            f" CASE WHEN isfinite(next_attempt_at) THEN next_attempt_at END, delivered_at"
+            f" FROM outbox.deliveries WHERE {where}",
+            params,
+            lp,
+            _delivery,
+            id_column="event_id",
+        )
+
+    return await uow.read(request, run)
+
+
+async def recover(request: Request) -> Response:
+    endpoint_id = request.path_params["id"]
+    body = await json_body(request)
+    validate.only(body, "since")
+    since = validate.timestamp(validate.required(body, "since"), "since")
+
+    async def run(conn: AsyncConnection, merchant: Merchant) -> Result:
+        await _owned(conn, merchant, endpoint_id)
+        cur = await conn.execute(
+            "UPDATE outbox.deliveries d SET status = 'pending', attempts = 0,"
+            " next_attempt_at = CASE WHEN c.enabled THEN now() ELSE 'infinity' END,"
+            " dead_since = NULL, lease_token = NULL, leased_by = NULL"
+            " FROM outbox.consumers c"
+            " WHERE c.name = d.consumer AND d.consumer = %s AND d.status = 'dead'"
+            " AND d.dead_since >= %s",
+            (endpoint_id, since),
+        )
+        return 202, {"requeued": cur.rowcount}
+
+    return await uow.write(request, body, run)
+
+
+routes = [
+    Route("/v1/webhook_endpoints", create_endpoint, methods=["POST"]),
+    Route("/v1/webhook_endpoints", list_endpoints, methods=["GET"]),
+    Route("/v1/webhook_endpoints/{id}", get_endpoint, methods=["GET"]),
+    Route("/v1/webhook_endpoints/{id}", update_endpoint, methods=["PATCH"]),
+    Route("/v1/webhook_endpoints/{id}", delete_endpoint, methods=["DELETE"]),
+    Route("/v1/webhook_endpoints/{id}/deliveries", list_deliveries, methods=["GET"]),
+    Route("/v1/webhook_endpoints/{id}/recover", recover, methods=["POST"]),
+]
