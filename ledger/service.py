@@ -11,6 +11,7 @@ Customer balances are kept non-negative by a CHECK constraint as well as by the 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -118,16 +119,24 @@ async def _lock(
     wanted: dict[str, str],
     currency: str,
     system_kind: str = "",
+    also: Sequence[tuple[str, tuple[Any, ...]]] = (),
+    results: list[Any] | None = None,
 ) -> tuple[dict[str, _Account], _Account | None, datetime]:
     """Lock the merchant's customer accounts `wanted` (id -> request parameter) and, when asked,
     its system account of `system_kind` in `currency`, in id order. Returns the accounts, the
     system account and the transaction time. An unknown or foreign id raises NotFound naming its
-    parameter; an account in another currency raises CurrencyMismatch."""
+    parameter; an account in another currency raises CurrencyMismatch. Queries in `also` run
+    right after the lock; their first rows are appended to `results`."""
+    results = results if results is not None else []
     cur = await conn.execute(
         _LOCK_ACCOUNTS,
         {"merchant": merchant.id, "ids": list(wanted), "kind": system_kind, "currency": currency},
     )
+    # Queued behind the lock (pipeline mode), so it reads under the lock in the same round trip.
+    pending = [await conn.execute(q, p) for q, p in also]
     rows = await cur.fetchall()
+    for extra in pending:
+        results.append(await extra.fetchone())
     found: dict[str, _Account] = {}
     system: _Account | None = None
     for id_, cur_, kind, balance, _ in rows:
@@ -293,8 +302,14 @@ async def create_payment(
     if source_id == destination_id:
         raise InvalidRequest("source and destination must be different accounts", "destination")
     metadata = metadata or {}
+    recent: list[Any] = []
     found, _, now = await _lock(
-        conn, merchant, {source_id: "source", destination_id: "destination"}, currency
+        conn,
+        merchant,
+        {source_id: "source", destination_id: "destination"},
+        currency,
+        also=[(_RECENT_PAYMENTS, (source_id,))],
+        results=recent,
     )
     source, destination = found[source_id], found[destination_id]
 
@@ -305,8 +320,7 @@ async def create_payment(
             f"{merchant.risk_max_amount}."
         )
     else:
-        cur = await conn.execute(_RECENT_PAYMENTS, (source_id,))
-        row = await cur.fetchone()
+        row = recent[0]
         if row is not None and row[0] >= merchant.risk_max_payments_per_minute:
             error = RiskDeclined(
                 f"The source account made {merchant.risk_max_payments_per_minute} payments in "

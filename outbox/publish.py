@@ -4,15 +4,15 @@
 both commit or neither does. It
 1. takes the next sequence numbers of each subject from `outbox.subjects` (an upsert: the row lock
    serialises publishers of one subject until commit, so sequences are gap-free and in commit
-   order),
-2. inserts the events and, in the same statement, one delivery row per matching enabled consumer,
+   order; subjects are upserted in sorted order so two publishers cannot deadlock on them),
+2. inserts the events and one delivery row per matching enabled consumer,
 3. sends one NOTIFY, but only when a relay has said it is asleep (`outbox.sleepers`): NOTIFY takes
    a global lock at commit, so busy relays are not woken by every payment.
+All of it is one statement, so publishing costs no extra round trip.
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Sequence
 from datetime import datetime
 
@@ -20,22 +20,31 @@ from psycopg import AsyncConnection
 from psycopg.types.json import Jsonb
 
 from ledger.ids import new_id
-from outbox.envelope import Event, NewEvent
+from outbox.envelope import NewEvent
 
 WAKEUP_CHANNEL = "outbox_wakeup"
 
-_NEXT_SEQUENCES = """
-INSERT INTO outbox.subjects AS s (subject, last_sequence)
-SELECT * FROM unnest(%s::text[], %s::bigint[])
-ON CONFLICT (subject) DO UPDATE SET last_sequence = s.last_sequence + excluded.last_sequence
-RETURNING subject, last_sequence
-"""
-
-_INSERT_AND_FAN_OUT = f"""
-WITH ev AS (
+# One statement: take each subject's next sequence numbers (the upsert's row lock serialises a
+# subject's publishers until commit), insert the events numbered within their subject, fan out.
+_PUBLISH = f"""
+WITH input AS (
+    SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::jsonb[],
+                         %s::int[])
+        AS i(id, merchant_id, type, subject, data, ord)
+), counts AS (
+    SELECT subject, count(*) AS n FROM input GROUP BY subject ORDER BY subject
+), seq AS (
+    INSERT INTO outbox.subjects AS s (subject, last_sequence)
+    SELECT subject, n FROM counts
+    ON CONFLICT (subject) DO UPDATE SET last_sequence = s.last_sequence + excluded.last_sequence
+    RETURNING subject, last_sequence
+), ev AS (
     INSERT INTO outbox.events (id, merchant_id, type, subject, sequence, time, data)
-    SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::bigint[],
-                         %s::timestamptz[], %s::jsonb[])
+    SELECT i.id, i.merchant_id, i.type, i.subject,
+           seq.last_sequence - c.n
+             + row_number() OVER (PARTITION BY i.subject ORDER BY i.ord),
+           %s, i.data
+    FROM input i JOIN seq USING (subject) JOIN counts c USING (subject)
     RETURNING id, merchant_id, type, subject, sequence, time
 ), fan AS (
     INSERT INTO outbox.deliveries (consumer, event_id, subject, sequence, next_attempt_at,
@@ -53,34 +62,25 @@ SELECT (SELECT count(*) FROM fan),
 """
 
 
-async def publish(
-    conn: AsyncConnection, events: Sequence[NewEvent], time: datetime
-) -> list[Event]:
-    """Write `events` (in order) in the caller's transaction; returns them with ids and sequences.
+async def publish(conn: AsyncConnection, events: Sequence[NewEvent], time: datetime) -> list[str]:
+    """Write `events` (in order) in the caller's transaction; returns their ids.
 
-    `time` is the moment of the change (the caller's transaction time)."""
+    `time` is the moment of the change (the caller's transaction time). The statement's result is
+    not awaited, so in pipeline mode the caller's following statements (and COMMIT) go out in the
+    same round trip; an error surfaces at the next synchronisation, inside the transaction."""
     if not events:
         return []
-    counts = Counter(e.subject for e in events)
-    subjects = sorted(counts)  # a fixed order, so two publishers cannot deadlock on subject rows
-    cur = await conn.execute(_NEXT_SEQUENCES, (subjects, [counts[s] for s in subjects]))
-    last = {subject: seq for subject, seq in await cur.fetchall()}
-    nxt = {s: last[s] - counts[s] + 1 for s in subjects}
-    out: list[Event] = []
-    for e in events:
-        seq = nxt[e.subject]
-        nxt[e.subject] = seq + 1
-        out.append(Event(new_id("evt"), e.type, e.subject, seq, time, e.data, e.merchant_id))
+    ids = [new_id("evt") for _ in events]
     await conn.execute(
-        _INSERT_AND_FAN_OUT,
+        _PUBLISH,
         (
-            [e.id for e in out],
-            [e.merchant_id for e in out],
-            [e.type for e in out],
-            [e.subject for e in out],
-            [e.sequence for e in out],
-            [e.time for e in out],
-            [Jsonb(e.data) for e in out],
+            ids,
+            [e.merchant_id for e in events],
+            [e.type for e in events],
+            [e.subject for e in events],
+            [Jsonb(e.data) for e in events],
+            list(range(len(events))),
+            time,
         ),
     )
-    return out
+    return ids
