@@ -1,0 +1,333 @@
+"""The delivery state machine in SQL: claim, complete and release (docs/relay.md).
+
+    pending --claim--> pending + lease --2xx--> delivered
+                                       --fail--> pending (next_attempt_at = now() + schedule)
+                                       --fail, schedule exhausted--> dead
+                                       --410--> pending, parked (endpoint disabled)
+    dead --redrive--> pending
+
+The lease lives in `next_attempt_at`: a claim pushes it to the end of the lease and stamps a
+`lease_token`, so the claimed row is not due for anyone else until the lease runs out; a relay
+that dies simply lets it run out. Completion presents the token, so a relay whose lease expired
+(and whose row was claimed again) cannot complete it a second time.
+
+A delivery is claimable when it is pending, due, and the oldest pending delivery of its
+(consumer, subject): per-subject order for every consumer, while a dead delivery stops blocking.
+
+Webhook deliveries are claimed and committed before the HTTP call (`claim_webhooks`), handler
+deliveries are claimed inside the transaction that applies them (`claim_for_handler`).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from psycopg import AsyncConnection
+
+from outbox.envelope import Event
+
+Outcome = Literal["delivered", "retry", "dead", "park"]
+
+# The claimable predicate, shared by both claims. It must keep `status = 'pending'` and
+# `next_attempt_at <= now()` as plain conjuncts, so ix_deliveries_claim serves it.
+_CLAIMABLE = """
+      d.status = 'pending'
+  AND d.next_attempt_at <= now()
+  AND NOT EXISTS (
+        SELECT 1 FROM outbox.deliveries p
+        WHERE p.consumer = d.consumer AND p.subject = d.subject
+          AND p.status = 'pending' AND p.sequence < d.sequence)
+"""
+
+CLAIM_WEBHOOKS = f"""
+WITH c AS (
+    SELECT d.consumer, d.event_id
+    FROM outbox.deliveries d
+    WHERE {_CLAIMABLE}
+      AND d.consumer <> ALL(%(busy)s::text[])
+      AND EXISTS (
+            SELECT 1 FROM outbox.consumers k
+            WHERE k.name = d.consumer AND k.kind = 'webhook' AND k.enabled)
+    ORDER BY d.next_attempt_at
+    LIMIT %(limit)s
+    FOR UPDATE OF d SKIP LOCKED
+)
+UPDATE outbox.deliveries d
+SET next_attempt_at = now() + %(lease)s * interval '1 second',
+    lease_token = %(token)s,
+    leased_by = %(relay)s
+FROM c
+JOIN outbox.events e ON e.id = c.event_id
+LEFT JOIN public.webhook_endpoints w ON w.id = c.consumer
+WHERE d.consumer = c.consumer AND d.event_id = c.event_id
+RETURNING d.consumer, d.attempts, e.id, e.type, e.subject, e.sequence, e.time, e.data,
+          e.merchant_id, w.url, w.secret
+"""
+
+CLAIM_FOR_HANDLER = f"""
+WITH c AS (
+    SELECT d.consumer, d.event_id, d.attempts
+    FROM outbox.deliveries d
+    WHERE {_CLAIMABLE}
+      AND d.consumer = %(consumer)s
+    ORDER BY d.next_attempt_at
+    LIMIT %(limit)s
+    FOR UPDATE OF d SKIP LOCKED
+)
+SELECT c.attempts, e.id, e.type, e.subject, e.sequence, e.time, e.data, e.merchant_id
+FROM c JOIN outbox.events e ON e.id = c.event_id
+ORDER BY e.subject, e.sequence
+"""
+
+# Handler deliveries are locked by the claim in the same transaction: no token needed.
+COMPLETE_FOR_HANDLER = """
+UPDATE outbox.deliveries
+SET status = 'delivered', delivered_at = now(), attempts = attempts + 1,
+    last_attempt_at = now(), last_status_code = NULL, last_error = NULL,
+    lease_token = NULL, leased_by = NULL
+WHERE consumer = %(consumer)s AND event_id = ANY(%(event_ids)s::text[]) AND status = 'pending'
+"""
+
+FAIL_FOR_HANDLER = """
+UPDATE outbox.deliveries
+SET attempts = attempts + 1,
+    status = CASE WHEN %(dead)s THEN 'dead' ELSE 'pending' END,
+    dead_since = CASE WHEN %(dead)s THEN now() END,
+    next_attempt_at = now() + %(delay)s * interval '1 second',
+    last_attempt_at = now(), last_status_code = NULL, last_error = %(error)s
+WHERE consumer = %(consumer)s AND event_id = %(event_id)s AND status = 'pending'
+"""
+
+# One statement for a batch of webhook results: the attempt log for every result, and the state
+# change for those whose lease is still ours. A retry of a consumer that was disabled meanwhile
+# stays parked ('infinity') instead of being scheduled.
+COMPLETE_WEBHOOKS = """
+WITH r AS (
+    SELECT * FROM unnest(%(consumers)s::text[], %(event_ids)s::text[], %(tokens)s::uuid[],
+                         %(outcomes)s::text[], %(delays)s::float8[], %(codes)s::int[],
+                         %(errors)s::text[], %(latencies)s::int[])
+        AS r(consumer, event_id, token, outcome, delay, code, error, latency_ms)
+), log AS (
+    INSERT INTO outbox.attempts (consumer, event_id, status_code, latency_ms, error)
+    SELECT consumer, event_id, code, latency_ms, error FROM r
+)
+UPDATE outbox.deliveries d
+SET attempts = d.attempts + 1,
+    status = CASE r.outcome WHEN 'delivered' THEN 'delivered'
+                            WHEN 'dead' THEN 'dead'
+                            ELSE 'pending' END,
+    delivered_at = CASE WHEN r.outcome = 'delivered' THEN now() END,
+    dead_since = CASE WHEN r.outcome = 'dead' THEN now() END,
+    next_attempt_at = CASE
+        WHEN r.outcome = 'retry' AND k.enabled THEN now() + r.delay * interval '1 second'
+        WHEN r.outcome IN ('retry', 'park') THEN 'infinity'
+        ELSE d.next_attempt_at END,
+    lease_token = NULL,
+    leased_by = NULL,
+    last_attempt_at = now(),
+    last_status_code = r.code,
+    last_error = r.error
+FROM r JOIN outbox.consumers k ON k.name = r.consumer
+WHERE d.consumer = r.consumer AND d.event_id = r.event_id AND d.lease_token = r.token
+RETURNING d.consumer, d.event_id
+"""
+
+# Gives back leases without an attempt: due again at once (unless parked meanwhile).
+RELEASE = """
+UPDATE outbox.deliveries d
+SET next_attempt_at = CASE WHEN d.next_attempt_at = 'infinity' THEN d.next_attempt_at
+                           ELSE now() END,
+    lease_token = NULL,
+    leased_by = NULL
+FROM unnest(%(consumers)s::text[], %(event_ids)s::text[], %(tokens)s::uuid[])
+    AS r(consumer, event_id, token)
+WHERE d.consumer = r.consumer AND d.event_id = r.event_id AND d.lease_token = r.token
+  AND d.status = 'pending'
+"""
+
+NEXT_DUE = """
+SELECT extract(epoch FROM min(next_attempt_at) - now())::float8 FROM outbox.deliveries
+WHERE status = 'pending' AND next_attempt_at > now() AND next_attempt_at < 'infinity'
+"""
+
+# A relay about to sleep says so; publishers send NOTIFY only while such a row exists. Rows of
+# relays that died asleep stop counting after a while: a sleeping relay refreshes its own.
+REGISTER_SLEEPER = """
+WITH stale AS (
+    DELETE FROM outbox.sleepers
+    WHERE since < now() - %(stale)s * interval '1 second' AND relay <> %(relay)s
+)
+INSERT INTO outbox.sleepers (relay) VALUES (%(relay)s)
+ON CONFLICT (relay) DO UPDATE SET since = now()
+"""
+
+UNREGISTER_SLEEPER = "DELETE FROM outbox.sleepers WHERE relay = %(relay)s"
+
+# outbox.backlog without its delivered_5m column: that column makes the view read every
+# delivered row, while these counts stay on the pending and dead partial indexes.
+BACKLOG = """
+SELECT k.name, coalesce(p.pending, 0), coalesce(p.in_flight, 0), coalesce(x.dead, 0),
+       coalesce(extract(epoch FROM now() - p.oldest), 0)::float8
+FROM outbox.consumers k
+LEFT JOIN (
+    SELECT consumer,
+           count(*) FILTER (WHERE lease_token IS NULL) AS pending,
+           count(*) FILTER (WHERE lease_token IS NOT NULL) AS in_flight,
+           min(created_at) AS oldest
+    FROM outbox.deliveries WHERE status = 'pending' GROUP BY consumer
+) p ON p.consumer = k.name
+LEFT JOIN (
+    SELECT consumer, count(*) AS dead
+    FROM outbox.deliveries WHERE status = 'dead' GROUP BY consumer
+) x ON x.consumer = k.name
+ORDER BY k.name
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """A webhook delivery this relay holds a lease on."""
+
+    consumer: str
+    token: uuid.UUID
+    attempts: int
+    event: Event
+    url: str | None
+    secret: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """The result of one webhook attempt, ready to be written."""
+
+    claimed: Claimed
+    outcome: Outcome
+    delay: float
+    status_code: int | None
+    error: str | None
+    latency_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Backlog:
+    consumer: str
+    pending: int
+    in_flight: int
+    dead: int
+    oldest_pending_age: float
+
+
+def _event(row: Sequence[Any]) -> Event:
+    id_, type_, subject, sequence, time, data, merchant_id = row
+    return Event(id_, type_, subject, sequence, time, data, merchant_id)
+
+
+async def claim_webhooks(
+    conn: AsyncConnection,
+    *,
+    limit: int,
+    lease_seconds: float,
+    relay: str,
+    busy: Sequence[str] = (),
+) -> list[Claimed]:
+    """Claim up to `limit` due webhook deliveries (skipping consumers in `busy`) and commit.
+
+    `conn` must be in autocommit mode: the claim is its own transaction."""
+    token = uuid.uuid4()
+    cur = await conn.execute(
+        CLAIM_WEBHOOKS,
+        {"busy": list(busy), "limit": limit, "lease": lease_seconds, "token": token,
+         "relay": relay},
+    )
+    rows = await cur.fetchall()
+    return [
+        Claimed(row[0], token, row[1], _event(row[2:9]), row[9], row[10]) for row in rows
+    ]
+
+
+async def complete_webhooks(
+    conn: AsyncConnection, results: Sequence[Completion]
+) -> set[tuple[str, str]]:
+    """Write a batch of attempt results in the caller's transaction.
+
+    Returns the (consumer, event_id) pairs whose lease was still ours (the rest were only logged).
+    """
+    if not results:
+        return set()
+    cur = await conn.execute(
+        COMPLETE_WEBHOOKS,
+        {
+            "consumers": [r.claimed.consumer for r in results],
+            "event_ids": [r.claimed.event.id for r in results],
+            "tokens": [r.claimed.token for r in results],
+            "outcomes": [r.outcome for r in results],
+            "delays": [r.delay for r in results],
+            "codes": [r.status_code for r in results],
+            "errors": [r.error for r in results],
+            "latencies": [r.latency_ms for r in results],
+        },
+    )
+    return {(c, e) for c, e in await cur.fetchall()}
+
+
+async def release(conn: AsyncConnection, claimed: Sequence[Claimed]) -> int:
+    """Give leases back without an attempt (shutdown, or more than a consumer may take)."""
+    if not claimed:
+        return 0
+    cur = await conn.execute(
+        RELEASE,
+        {
+            "consumers": [c.consumer for c in claimed],
+            "event_ids": [c.event.id for c in claimed],
+            "tokens": [c.token for c in claimed],
+        },
+    )
+    return cur.rowcount
+
+
+async def claim_for_handler(
+    conn: AsyncConnection, consumer: str, limit: int
+) -> list[tuple[int, Event]]:
+    """Lock up to `limit` claimable deliveries of a handler consumer in the caller's transaction;
+    returns (attempts so far, event) in subject order."""
+    cur = await conn.execute(CLAIM_FOR_HANDLER, {"consumer": consumer, "limit": limit})
+    return [(row[0], _event(row[1:])) for row in await cur.fetchall()]
+
+
+async def complete_for_handler(
+    conn: AsyncConnection, consumer: str, event_ids: Sequence[str]
+) -> None:
+    await conn.execute(COMPLETE_FOR_HANDLER, {"consumer": consumer, "event_ids": list(event_ids)})
+
+
+async def fail_for_handler(
+    conn: AsyncConnection, consumer: str, event_id: str, *, delay: float, dead: bool, error: str
+) -> None:
+    await conn.execute(
+        FAIL_FOR_HANDLER,
+        {"consumer": consumer, "event_id": event_id, "delay": delay, "dead": dead,
+         "error": error},
+    )
+
+
+async def seconds_to_next_due(conn: AsyncConnection) -> float | None:
+    """Seconds until the next pending delivery (or lease) comes due, if one is in the future."""
+    cur = await conn.execute(NEXT_DUE)
+    row = await cur.fetchone()
+    return row[0] if row else None
+
+
+async def register_sleeper(conn: AsyncConnection, relay: str, stale_after: float) -> None:
+    await conn.execute(REGISTER_SLEEPER, {"relay": relay, "stale": stale_after})
+
+
+async def unregister_sleeper(conn: AsyncConnection, relay: str) -> None:
+    await conn.execute(UNREGISTER_SLEEPER, {"relay": relay})
+
+
+async def backlog(conn: AsyncConnection) -> list[Backlog]:
+    cur = await conn.execute(BACKLOG)
+    return [Backlog(*row) for row in await cur.fetchall()]

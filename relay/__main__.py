@@ -1,0 +1,102 @@
+"""`outbox-relay`: the relay daemon (CONTRACT.md sections 1 and 5).
+
+Exit status: 0 after a clean stop (SIGTERM or SIGINT), 1 when it failed, 2 for bad usage or
+configuration. A second SIGINT exits at once (130), leaving leases to expire.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+from relay import logs
+from relay.settings import Settings, SettingsError
+
+log = logging.getLogger("relay")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"outbox-relay: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="outbox-relay",
+        description="Deliver outbox events to webhook endpoints and handler consumers. "
+        "Runs until SIGTERM or SIGINT. Configured by DATABASE_URL, OUTBOX_RETRY_SCHEDULE, "
+        "OUTBOX_HTTP_TIMEOUT, OUTBOX_LEASE_SECONDS, OUTBOX_WEBHOOK_ALLOWED_NETWORKS, "
+        "OUTBOX_PURGE_INTERVAL (0 = off) and OUTBOX_RETENTION.",
+    )
+    parser.add_argument("--concurrency", type=int, default=32, metavar="N",
+                        help="webhook attempts in flight at once (default 32)")
+    parser.add_argument("--batch-size", type=int, default=100, metavar="N",
+                        help="deliveries claimed per query (default 100)")
+    parser.add_argument("--metrics-port", type=int, default=None, metavar="P",
+                        help="serve Prometheus metrics on this port")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    try:
+        settings = Settings.from_env(
+            concurrency=args.concurrency,
+            batch_size=args.batch_size,
+            metrics_port=args.metrics_port,
+            log_format=args.log_format,
+        )
+    except SettingsError as exc:
+        print(f"outbox-relay: {exc}", file=sys.stderr)
+        sys.exit(2)
+    logs.setup(settings.log_format)
+    try:
+        code = asyncio.run(_run(settings))
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+async def _run(settings: Settings) -> int:
+    from relay.worker import Relay
+
+    relay = Relay(settings)
+    if settings.metrics_port is not None:
+        try:
+            relay.metrics.serve(settings.metrics_port)
+        except OSError as exc:
+            print(f"outbox-relay: cannot serve metrics on port {settings.metrics_port}: {exc}",
+                  file=sys.stderr)
+            return 2
+    loop = asyncio.get_running_loop()
+    interrupts = 0
+
+    def on_sigint() -> None:
+        nonlocal interrupts
+        interrupts += 1
+        if interrupts > 1:
+            log.warning("second interrupt: exiting now, leases will expire")
+            logging.shutdown()
+            os._exit(130)
+        log.info("SIGINT: stopping (interrupt again to exit at once)")
+        relay.stop()
+
+    def on_sigterm() -> None:
+        if not relay.stopping:
+            log.info("SIGTERM: stopping")
+        relay.stop()
+
+    loop.add_signal_handler(signal.SIGINT, on_sigint)
+    loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+    return await relay.run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""Sending one webhook attempt: Standard Webhooks headers, the URL guard, one aiohttp pool.
+
+Errors are translated here, at the boundary, into an `Attempt`: "no answer" (connection refused,
+timeout, refused URL) has no status code; "answered" carries the status. Nothing raises out of
+`send` except cancellation.
+"""
+
+from __future__ import annotations
+
+import binascii
+import time
+
+import aiohttp
+
+from outbox.claim import Claimed
+from outbox.signing import secret_key, sign
+from outbox.urlguard import GuardedResolver, UrlRefused, check_address, parse_url
+from relay.retry import Attempt, parse_retry_after
+from relay.settings import Settings
+
+CONTENT_TYPE = "application/cloudevents+json"
+USER_AGENT = "payments-outbox-relay/1"
+_READ_LIMIT = 64 * 1024
+
+
+class WebhookSender:
+    """Owns the HTTP client sessions; use as `async with WebhookSender(settings) as sender`."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._sessions: dict[bool, aiohttp.ClientSession] = {}
+        self._keys: dict[str, bytes] = {}
+
+    async def __aenter__(self) -> WebhookSender:
+        timeout = aiohttp.ClientTimeout(total=self._settings.http_timeout)
+        # One session per URL policy, because the resolver (which checks addresses) is not told
+        # the scheme: https may go to public addresses, http only into the allowed networks.
+        for plain_http in (False, True):
+            connector = aiohttp.TCPConnector(
+                limit=self._settings.concurrency,
+                limit_per_host=0,
+                resolver=GuardedResolver(self._settings.allowed_networks, plain_http=plain_http),
+                ttl_dns_cache=10,
+            )
+            self._sessions[plain_http] = aiohttp.ClientSession(
+                connector=connector,
+                timeout=timeout,
+                headers={"User-Agent": USER_AGENT},
+                auto_decompress=False,
+            )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for session in self._sessions.values():
+            await session.close()
+        self._sessions.clear()
+
+    def _key(self, secret: str) -> bytes:
+        key = self._keys.get(secret)
+        if key is None:
+            key = self._keys[secret] = secret_key(secret)
+        return key
+
+    async def send(self, claimed: Claimed) -> Attempt:
+        if claimed.url is None or claimed.secret is None:
+            return Attempt(None, "the webhook endpoint no longer exists", 0)
+        try:
+            target = parse_url(claimed.url)
+            if target.literal is not None:
+                # aiohttp does not ask the resolver about literal addresses.
+                check_address(
+                    target.literal, self._settings.allowed_networks, plain_http=target.plain_http
+                )
+            key = self._key(claimed.secret)
+        except UrlRefused as exc:
+            return Attempt(None, f"URL refused: {exc}", 0)
+        except (ValueError, binascii.Error):
+            return Attempt(None, "the endpoint's signing secret is malformed", 0)
+
+        body = claimed.event.body()
+        timestamp = int(time.time())
+        headers = {
+            "Content-Type": CONTENT_TYPE,
+            "webhook-id": claimed.event.id,
+            "webhook-timestamp": str(timestamp),
+            "webhook-signature": sign(key, claimed.event.id, timestamp, body),
+        }
+        session = self._sessions[target.plain_http]
+        started = time.monotonic()
+        try:
+            async with session.post(
+                claimed.url, data=body, headers=headers, allow_redirects=False
+            ) as response:
+                await response.content.read(_READ_LIMIT)
+                status = response.status
+                retry_after = parse_retry_after(response.headers.get("Retry-After"))
+        except UrlRefused as exc:
+            return Attempt(None, f"URL refused: {exc}", _ms(started))
+        except TimeoutError:
+            return Attempt(
+                None, f"timed out after {self._settings.http_timeout:g} s", _ms(started)
+            )
+        except aiohttp.ClientError as exc:
+            return Attempt(None, _describe(exc), _ms(started))
+        except OSError as exc:
+            return Attempt(None, f"{type(exc).__name__}: {exc}", _ms(started))
+        latency = _ms(started)
+        if 200 <= status < 300:
+            return Attempt(status, None, latency)
+        if 300 <= status < 400:
+            return Attempt(status, f"HTTP {status}: redirects are not followed", latency)
+        return Attempt(status, f"HTTP {status}", latency, retry_after)
+
+
+def _ms(started: float) -> int:
+    return int((time.monotonic() - started) * 1000)
+
+
+def _describe(exc: aiohttp.ClientError) -> str:
+    if isinstance(exc, aiohttp.ClientConnectorError) and isinstance(exc.os_error, UrlRefused):
+        return f"URL refused: {exc.os_error}"
+    text = str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}"[:500]
+

@@ -1,0 +1,550 @@
+"""The relay: claims due deliveries, delivers them, completes them; sleeps when there is nothing.
+
+One main loop per process does the claiming (so it is the loop the systemd watchdog watches):
+each turn it runs one transaction per handler consumer (claim + apply + complete) and claims as
+many webhook deliveries as it has free slots. Each webhook delivery then runs as its own task,
+bounded by `concurrency` and by a per-consumer share, so a slow or failing endpoint never holds
+up another. Results are written by a completer task in batches of whatever finished meanwhile,
+so a batch never waits for its slowest member.
+
+Waking: the loop polls with a backoff (50 ms growing to 1 s) and wakes early on NOTIFY (see
+listener.py), when a delivery finishes, and when the next retry or lease comes due. Before it
+sleeps it registers in outbox.sleepers and looks once more, because publishers only notify while
+some relay is registered there.
+
+Stopping (`stop()`): no more claims; in-flight deliveries get `shutdown_grace` seconds to finish;
+whatever is still running is cancelled and its leases given back. A dead side task (listener,
+completer, monitor, purger) stops the relay with exit status 1. Database errors never stop it:
+the loop logs, backs off and tries again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import socket
+import time
+from collections import Counter
+from collections.abc import Coroutine, Mapping
+from typing import Any
+
+import psycopg
+from psycopg.conninfo import make_conninfo
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from outbox import claim
+from outbox.claim import Claimed, Completion
+from outbox.consumers import disable_consumer
+from outbox.envelope import Event
+from outbox.handlers import HANDLERS, Handler
+from relay import sdnotify
+from relay.listener import Listener
+from relay.metrics import Metrics
+from relay.retry import Attempt, decide
+from relay.settings import Settings
+from relay.webhook import WebhookSender
+
+log = logging.getLogger("relay")
+
+MIN_WAIT = 0.05
+MAX_WAIT = 1.0
+MONITOR_INTERVAL = 5.0
+SLEEPER_REFRESH = 60.0
+SLEEPER_STALE = 300.0
+GONE_REASON = "the endpoint answered 410 Gone"
+_DB_ERRORS = (psycopg.Error, PoolTimeout)
+_GETCONN_TIMEOUT = 5.0
+_FINAL_WRITE_TIMEOUT = 4.0
+
+
+def relay_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def conninfo_for(url: str) -> str:
+    return make_conninfo(
+        url,
+        application_name="outbox-relay",
+        # The relay's own transactions last milliseconds; one left open by a bug must not hold
+        # back vacuum on the queue table.
+        options="-c idle_in_transaction_session_timeout=30000",
+        connect_timeout=10,
+        keepalives=1,
+        keepalives_idle=30,
+        keepalives_interval=10,
+        keepalives_count=3,
+    )
+
+
+class Relay:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        handlers: Mapping[str, Handler] = HANDLERS,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.settings = settings
+        self.name = relay_name()
+        self.metrics = metrics or Metrics()
+        self._handlers = dict(handlers)
+        self._conninfo = conninfo_for(settings.database_url)
+        self._stop = asyncio.Event()
+        self._kick = asyncio.Event()
+        self._inflight: dict[asyncio.Task[None], Claimed] = {}
+        self._per_consumer: Counter[str] = Counter()
+        # A consumer's share of the slots: one slow endpoint leaves the rest to the others.
+        self._consumer_limit = max(1, settings.concurrency // 2)
+        self._results: list[Completion] = []
+        self._results_ready = asyncio.Event()
+        self._draining = False
+        self._failure: BaseException | None = None
+        self._sleeping = False
+        self._slept_at = 0.0
+        self._last_ping = 0.0
+        self._watchdog = sdnotify.watchdog_interval()
+        self._rng = random.Random()
+        self._pool: AsyncConnectionPool | None = None
+        self._sender: WebhookSender | None = None
+        self.listener = Listener(self._conninfo, self._kick.set)
+
+    # --- control --------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask the relay to stop (signal handlers call this). Idempotent."""
+        self._stop.set()
+        self._kick.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    async def run(self) -> int:
+        """Run until stopped; returns the exit status (0, or 1 when a side task died)."""
+        self._pool = AsyncConnectionPool(
+            self._conninfo,
+            min_size=1,
+            max_size=4,
+            kwargs={"autocommit": True},
+            open=False,
+            check=AsyncConnectionPool.check_connection,
+            reconnect_timeout=365 * 86400.0,
+            name="outbox-relay",
+        )
+        await self._pool.open(wait=False)
+        side: list[asyncio.Task[None]] = []
+        try:
+            async with WebhookSender(self.settings) as sender:
+                self._sender = sender
+                side.append(self._spawn(self.listener.run(), "listener"))
+                side.append(self._spawn(self._completer(), "completer"))
+                side.append(self._spawn(self._monitor(), "monitor"))
+                if self.settings.purge_interval.total_seconds() > 0:
+                    side.append(self._spawn(self._purger(), "purger"))
+                if await self._started():
+                    sdnotify.ready()
+                    log.info("relay ready", extra={"relay": self.name})
+                    await self._main_loop()
+                sdnotify.stopping()
+                log.info("relay stopping", extra={"relay": self.name})
+                await self._shutdown(side)
+        finally:
+            for task in side:
+                task.cancel()
+            await asyncio.gather(*side, return_exceptions=True)
+            await self._pool.close()
+        if self._failure is not None:
+            return 1
+        log.info("relay stopped", extra={"relay": self.name})
+        return 0
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        task = asyncio.create_task(coro, name=name)
+
+        def done(t: asyncio.Task[None]) -> None:
+            if t.cancelled():
+                return
+            exc = t.exception()
+            if exc is None and name == "completer" and self._draining:
+                return
+            if self._failure is None:
+                self._failure = exc or RuntimeError(f"{name} ended")
+            log.error("%s task died, stopping: %r", name, exc or "returned", exc_info=exc)
+            self.stop()
+
+        task.add_done_callback(done)
+        return task
+
+    async def _started(self) -> bool:
+        """Wait until LISTEN is in place (READY=1 means that). False when asked to stop first."""
+        while not self._stop.is_set():
+            self._ping_watchdog()
+            try:
+                await asyncio.wait_for(self.listener.connected.wait(), self._wait_cap(1.0))
+                return True
+            except TimeoutError:
+                continue
+        return False
+
+    # --- the main loop --------------------------------------------------------------------------
+
+    async def _main_loop(self) -> None:
+        idle_wait = MIN_WAIT
+        db_backoff = 0.1
+        while not self._stop.is_set():
+            self._ping_watchdog()
+            self._kick.clear()
+            try:
+                progressed, more, blocked = await self._step()
+                if progressed and self._sleeping:
+                    await self._set_sleeping(False)
+                elif not progressed and not blocked:
+                    if not self._sleeping:
+                        # Registered: look once more, since a publisher that committed just
+                        # before the row existed did not notify.
+                        await self._set_sleeping(True)
+                        continue
+                    if time.monotonic() - self._slept_at > SLEEPER_REFRESH:
+                        await self._set_sleeping(True)
+                    due = await self._seconds_to_next_due()
+                    if due is not None:
+                        idle_wait = min(idle_wait, max(due, 0.01))
+                db_backoff = 0.1
+            except _DB_ERRORS as exc:
+                log.warning("database unavailable, retrying in %.1f s: %s", db_backoff, _one(exc))
+                await self._wait(db_backoff)
+                db_backoff = min(db_backoff * 2, 5.0)
+                continue
+            if more:
+                idle_wait = MIN_WAIT
+                continue
+            if progressed or blocked:
+                idle_wait = MIN_WAIT
+                await self._wait(MIN_WAIT)
+                continue
+            await self._wait(idle_wait)
+            idle_wait = min(idle_wait * 2, MAX_WAIT)
+
+    async def _step(self) -> tuple[bool, bool, bool]:
+        """One turn: (did work, may have more right now, waiting on busy slots)."""
+        progressed = more = blocked = False
+        for name, handler in self._handlers.items():
+            n = await self._run_handler(name, handler)
+            progressed = progressed or n > 0
+            more = more or n >= self.settings.batch_size
+        free = self.settings.concurrency - len(self._inflight)
+        if free <= 0:
+            return progressed, more, True
+        busy = [c for c, n in self._per_consumer.items() if n >= self._consumer_limit]
+        limit = min(free, self.settings.batch_size)
+        claimed = await self._claim(limit, busy)
+        if claimed:
+            progressed = True
+            more = more or len(claimed) >= limit
+        elif busy:
+            blocked = True
+        return progressed, more, blocked
+
+    async def _claim(self, limit: int, busy: list[str]) -> list[Claimed]:
+        assert self._pool is not None
+        async with self._pool.connection(timeout=_GETCONN_TIMEOUT) as conn:
+            claimed = await claim.claim_webhooks(
+                conn,
+                limit=limit,
+                lease_seconds=self.settings.lease_seconds,
+                relay=self.name,
+                busy=busy,
+            )
+            keep, excess = self._share(claimed)
+            if excess:
+                await claim.release(conn, excess)
+        for item in keep:
+            self._dispatch(item)
+        return keep
+
+    def _share(self, claimed: list[Claimed]) -> tuple[list[Claimed], list[Claimed]]:
+        """Split a claim into what fits each consumer's share and what goes back."""
+        counts = Counter(self._per_consumer)
+        keep: list[Claimed] = []
+        excess: list[Claimed] = []
+        for item in claimed:
+            if counts[item.consumer] >= self._consumer_limit:
+                excess.append(item)
+            else:
+                counts[item.consumer] += 1
+                keep.append(item)
+        return keep, excess
+
+    # --- handler consumers ----------------------------------------------------------------------
+
+    async def _run_handler(self, name: str, handler: Handler) -> int:
+        """Claim, apply and complete one batch in one transaction. Returns how many."""
+        assert self._pool is not None
+        async with self._pool.connection(timeout=_GETCONN_TIMEOUT) as conn:
+            async with conn.transaction():
+                rows = await claim.claim_for_handler(conn, name, self.settings.batch_size)
+                if not rows:
+                    return 0
+                events = [event for _, event in rows]
+                try:
+                    async with conn.transaction():
+                        await handler(conn, events)
+                    applied = events
+                except psycopg.OperationalError:
+                    raise
+                except Exception as exc:
+                    log.warning(
+                        "handler batch failed, applying one by one: %s", _one(exc),
+                        extra={"consumer": name},
+                    )
+                    applied = await self._isolate(conn, name, handler, rows)
+                await claim.complete_for_handler(conn, name, [e.id for e in applied])
+        now = time.time()
+        self.metrics.deliveries.labels("applied").inc(len(applied))
+        for event in applied:
+            self.metrics.end_to_end.observe(max(now - event.time.timestamp(), 0.0))
+        return len(rows)
+
+    async def _isolate(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        name: str,
+        handler: Handler,
+        rows: list[tuple[int, Event]],
+    ) -> list[Event]:
+        """Apply events one at a time (savepoints) so one bad event does not block the rest."""
+        applied: list[Event] = []
+        for attempts, event in rows:
+            try:
+                async with conn.transaction():
+                    await handler(conn, [event])
+            except psycopg.OperationalError:
+                raise
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {_one(exc)}"[:500]
+                outcome, delay = decide(
+                    Attempt(None, error, 0), attempts, self.settings.retry_schedule, self._rng
+                )
+                await claim.fail_for_handler(
+                    conn, name, event.id, delay=delay, dead=outcome == "dead", error=error
+                )
+                self.metrics.deliveries.labels(outcome).inc()
+                log.error(
+                    "handler failed",
+                    extra={"event": event.id, "consumer": name, "attempt": attempts + 1,
+                           "outcome": outcome, "error": error},
+                )
+            else:
+                applied.append(event)
+        return applied
+
+    # --- webhook deliveries ---------------------------------------------------------------------
+
+    def _dispatch(self, item: Claimed) -> None:
+        task = asyncio.create_task(self._deliver(item))
+        self._inflight[task] = item
+        self._per_consumer[item.consumer] += 1
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        item = self._inflight.pop(task)
+        self._per_consumer[item.consumer] -= 1
+        if self._per_consumer[item.consumer] <= 0:
+            del self._per_consumer[item.consumer]
+        if not task.cancelled() and task.exception() is not None:
+            log.error("delivery task failed", exc_info=task.exception(),
+                      extra={"event": item.event.id, "consumer": item.consumer})
+        self._kick.set()
+
+    async def _deliver(self, item: Claimed) -> None:
+        assert self._sender is not None
+        try:
+            attempt = await self._sender.send(item)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug in the sender must cost one attempt, not the relay
+            log.exception("sender failed", extra={"event": item.event.id})
+            attempt = Attempt(None, f"internal error: {type(exc).__name__}", 0)
+        outcome, delay = decide(attempt, item.attempts, self.settings.retry_schedule, self._rng)
+        self.metrics.attempt_duration.observe(attempt.latency_ms / 1000)
+        self.metrics.deliveries.labels(outcome).inc()
+        if outcome == "delivered":
+            self.metrics.end_to_end.observe(max(time.time() - item.event.time.timestamp(), 0.0))
+        fields = {
+            "event": item.event.id,
+            "consumer": item.consumer,
+            "attempt": item.attempts + 1,
+            "outcome": outcome,
+            "status_code": attempt.status_code,
+            "latency_ms": attempt.latency_ms,
+            "error": attempt.error,
+        }
+        if outcome == "delivered":
+            log.debug("delivered", extra=fields)
+        elif outcome == "retry":
+            log.info("attempt failed, retrying in %.1f s", delay, extra=fields)
+        elif outcome == "dead":
+            log.warning("attempt failed, retries exhausted: dead", extra=fields)
+        else:
+            log.warning("endpoint gone (410): disabling it", extra=fields)
+        self._results.append(
+            Completion(item, outcome, delay, attempt.status_code, attempt.error,
+                       attempt.latency_ms)
+        )
+        self._results_ready.set()
+
+    async def _completer(self) -> None:
+        """Write finished attempts in batches: everything that finished since the last write."""
+        assert self._pool is not None
+        backoff = 0.1
+        while True:
+            if not self._results:
+                if self._draining:
+                    return
+                self._results_ready.clear()
+                await self._results_ready.wait()
+                continue
+            batch = self._results[:1000]
+            try:
+                async with self._pool.connection(timeout=_GETCONN_TIMEOUT) as conn:
+                    async with conn.transaction():
+                        for consumer in sorted({r.claimed.consumer for r in batch
+                                                if r.outcome == "park"}):
+                            await disable_consumer(conn, consumer, GONE_REASON)
+                        done = await claim.complete_webhooks(conn, batch)
+            except _DB_ERRORS as exc:
+                if self._draining:
+                    log.warning("cannot write results while stopping: %s", _one(exc))
+                    return
+                log.warning("cannot write results, retrying in %.1f s: %s", backoff, _one(exc))
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            backoff = 0.1
+            del self._results[: len(batch)]
+            if len(done) < len(batch):
+                self.metrics.deliveries.labels("stale").inc(len(batch) - len(done))
+                log.info("lease lost before completion", extra={"count": len(batch) - len(done)})
+            # Completing an event can make the next one of its subject claimable.
+            self._kick.set()
+
+    # --- waking and sleeping --------------------------------------------------------------------
+
+    async def _set_sleeping(self, sleeping: bool) -> None:
+        assert self._pool is not None
+        async with self._pool.connection(timeout=_GETCONN_TIMEOUT) as conn:
+            if sleeping:
+                await claim.register_sleeper(conn, self.name, SLEEPER_STALE)
+                self._slept_at = time.monotonic()
+            else:
+                await claim.unregister_sleeper(conn, self.name)
+        self._sleeping = sleeping
+
+    async def _seconds_to_next_due(self) -> float | None:
+        assert self._pool is not None
+        async with self._pool.connection(timeout=_GETCONN_TIMEOUT) as conn:
+            return await claim.seconds_to_next_due(conn)
+
+    def _wait_cap(self, timeout: float) -> float:
+        if self._watchdog is not None:
+            return max(min(timeout, self._watchdog - (time.monotonic() - self._last_ping)), 0.0)
+        return timeout
+
+    async def _wait(self, seconds: float) -> None:
+        """Until kicked (NOTIFY, a finished delivery, stop) or `seconds` pass."""
+        try:
+            await asyncio.wait_for(self._kick.wait(), self._wait_cap(seconds))
+        except TimeoutError:
+            pass
+
+    def _ping_watchdog(self) -> None:
+        if self._watchdog is None:
+            return
+        now = time.monotonic()
+        if now - self._last_ping >= self._watchdog * 0.9:
+            sdnotify.watchdog()
+            self._last_ping = now
+
+    # --- side tasks -----------------------------------------------------------------------------
+
+    async def _monitor(self) -> None:
+        """Backlog gauges and the systemd STATUS line, every few seconds."""
+        assert self._pool is not None
+        while True:
+            try:
+                async with self._pool.connection(timeout=_GETCONN_TIMEOUT) as conn:
+                    rows = await claim.backlog(conn)
+            except _DB_ERRORS as exc:
+                sdnotify.status(f"database unavailable: {_one(exc)}"[:200])
+            else:
+                self.metrics.set_backlog(rows)
+                oldest = max((r.oldest_pending_age for r in rows), default=0.0)
+                sdnotify.status(
+                    f"in flight here {len(self._inflight)}; "
+                    f"pending {sum(r.pending for r in rows)}, "
+                    f"leased {sum(r.in_flight for r in rows)}, "
+                    f"dead {sum(r.dead for r in rows)}, oldest pending {oldest:.0f} s"
+                )
+            await asyncio.sleep(MONITOR_INTERVAL)
+
+    async def _purger(self) -> None:
+        """Retention on a timer (admin.retention.purge, in a thread with its own connection)."""
+        from admin.retention import purge
+
+        interval = self.settings.purge_interval.total_seconds()
+        while True:
+            await asyncio.sleep(interval * self._rng.uniform(0.9, 1.1))
+            try:
+                counts = await asyncio.to_thread(
+                    purge, self._conninfo, self.settings.retention
+                )
+            except _DB_ERRORS as exc:
+                log.warning("purge failed: %s", _one(exc))
+                continue
+            if counts.total:
+                log.info(
+                    "purged %d deliveries, %d events, %d attempts",
+                    counts.deliveries, counts.events, counts.attempts,
+                )
+
+    # --- shutdown -------------------------------------------------------------------------------
+
+    async def _shutdown(self, side: list[asyncio.Task[None]]) -> None:
+        """Let in-flight deliveries finish within the grace period, write their results, give
+        back the leases of the rest, and leave outbox.sleepers."""
+        tasks = list(self._inflight)
+        if tasks:
+            log.info("waiting for %d deliveries in flight", len(tasks))
+            _, pending = await asyncio.wait(tasks, timeout=self.settings.shutdown_grace)
+            unfinished = [self._inflight[t] for t in pending]
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        else:
+            unfinished = []
+        self._draining = True
+        self._results_ready.set()
+        completer = next((t for t in side if t.get_name() == "completer"), None)
+        if completer is not None and not completer.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(completer), _FINAL_WRITE_TIMEOUT)
+            except TimeoutError:
+                log.warning("could not write all results before exiting")
+        # Results never written go back too: their attempt is repeated by whoever claims next.
+        unfinished += [r.claimed for r in self._results]
+        assert self._pool is not None
+        try:
+            async with asyncio.timeout(_FINAL_WRITE_TIMEOUT):
+                async with self._pool.connection(timeout=_GETCONN_TIMEOUT) as conn:
+                    released = await claim.release(conn, unfinished)
+                    await claim.unregister_sleeper(conn, self.name)
+            if released:
+                log.info("released %d leases", released, extra={"count": released})
+        except (*_DB_ERRORS, TimeoutError) as exc:
+            log.warning("could not release leases (they expire on their own): %s", _one(exc))
+
+
+def _one(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
