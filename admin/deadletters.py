@@ -16,6 +16,8 @@ import psycopg
 from psycopg import pq
 from psycopg.rows import class_row
 
+from admin.retention import connect
+
 DEFAULT_BATCH_SIZE = 1_000
 
 DEAD_LETTERS = """
@@ -105,7 +107,7 @@ def redrive(
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
     if isinstance(conn_or_url, str):
-        with psycopg.connect(conn_or_url, autocommit=True, application_name="outbox-redrive") as c:
+        with connect(conn_or_url, "outbox-redrive") as c:
             return _redrive(c, consumer, since, batch_size, progress)
     if conn_or_url.info.transaction_status != pq.TransactionStatus.IDLE:
         raise ValueError("redrive needs a connection outside any transaction")

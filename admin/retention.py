@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import psycopg
-from psycopg import pq
+from psycopg import conninfo, pq
 
 DEFAULT_BATCH_SIZE = 5_000
 
@@ -118,6 +118,14 @@ def parse_duration(text: str) -> timedelta:
     return timedelta(seconds=sum(int(n) * _UNIT_SECONDS[u] for n, u in parts))
 
 
+def connect(url: str, application_name: str) -> psycopg.Connection:
+    """An autocommit connection; `application_name` only if the URL or conninfo names none, so
+    the relay's purge shows up in pg_stat_activity as the relay."""
+    if "application_name" in conninfo.conninfo_to_dict(url):
+        return psycopg.connect(url, autocommit=True)
+    return psycopg.connect(url, autocommit=True, application_name=application_name)
+
+
 def purge(
     conn_or_url: psycopg.Connection | str,
     older_than: timedelta,
@@ -135,7 +143,7 @@ def purge(
     if older_than < timedelta(0):
         raise ValueError("older_than must not be negative")
     if isinstance(conn_or_url, str):
-        with psycopg.connect(conn_or_url, autocommit=True, application_name="outbox-purge") as conn:
+        with connect(conn_or_url, "outbox-purge") as conn:
             return _purge(conn, older_than, batch_size, progress)
     if conn_or_url.info.transaction_status != pq.TransactionStatus.IDLE:
         raise ValueError("purge needs a connection outside any transaction")

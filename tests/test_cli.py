@@ -25,6 +25,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg.conninfo import make_conninfo
 
 from admin.retention import PurgeCounts, parse_duration, purge
 from ledger.ids import new_id
@@ -826,3 +827,21 @@ def test_purge_takes_a_url_or_an_idle_connection(db_url: str, outbox: Outbox) ->
         purge(db_url, timedelta(days=7), batch_size=0)
     with pytest.raises(ValueError):
         purge(db_url, timedelta(days=-1))
+
+
+def test_purge_keeps_the_callers_application_name(db_url: str, outbox: Outbox) -> None:
+    """The relay passes a conninfo naming itself; pg_stat_activity must show the relay."""
+    seen: list[str] = []
+
+    def record(_: PurgeCounts) -> None:
+        with psycopg.connect(db_url) as conn:
+            row = conn.execute(
+                "SELECT application_name FROM pg_stat_activity "
+                "WHERE datname = current_database() AND application_name LIKE 'outbox-%'"
+            ).fetchone()
+            seen.append(row[0] if row else "")
+
+    for url in (make_conninfo(db_url, application_name="outbox-relay"), db_url):
+        outbox.delivery(outbox.consumer(), outbox.event(), "delivered", delivered_at=NOW - DAY)
+        assert purge(url, timedelta(hours=1), progress=record).deliveries == 1
+    assert seen == ["outbox-relay", "outbox-purge"]
