@@ -51,4 +51,5 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 
 
 def to_json(value: object) -> str:
-    return json.dumps(value, ensure_ascii=False)
+    # ASCII with \u escapes: parses the same, and cannot fail on a non-UTF-8 stdout.
+    return json.dumps(value)
