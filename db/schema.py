@@ -251,6 +251,7 @@ events = Table(
     UniqueConstraint("subject", "sequence"),
     Index(None, "merchant_id", "id"),
     Index(None, "merchant_id", "type", "id"),
+    Index(None, "time"),
     schema=OUTBOX,
     comment="Events, written in the same transaction as the change they describe.",
 )
@@ -314,6 +315,7 @@ deliveries = Table(
         "delivered_at",
         postgresql_where=text("status = 'delivered'"),
     ),
+    Index("ix_deliveries_event_id", "event_id"),
     schema=OUTBOX,
     comment="One row per (consumer, event): the delivery state machine the relays work on.",
 )

@@ -173,6 +173,7 @@ def upgrade() -> None:
     schema='outbox',
     comment='One row per (consumer, event): the delivery state machine the relays work on.'
     )
+    op.create_index('ix_deliveries_event_id', 'deliveries', ['event_id'], unique=False, schema='outbox')
     op.create_index('ix_deliveries_claim', 'deliveries', ['next_attempt_at'], unique=False, schema='outbox', postgresql_where=sa.text("status = 'pending'"))
     op.create_index('ix_deliveries_dead', 'deliveries', ['consumer', 'dead_since'], unique=False, schema='outbox', postgresql_where=sa.text("status = 'dead'"))
     op.create_index('ix_deliveries_delivered', 'deliveries', ['delivered_at'], unique=False, schema='outbox', postgresql_where=sa.text("status = 'delivered'"))
@@ -190,6 +191,7 @@ def upgrade() -> None:
     schema='outbox',
     comment='Events, written in the same transaction as the change they describe.'
     )
+    op.create_index(op.f('ix_events_time'), 'events', ['time'], unique=False, schema='outbox')
     op.create_index(op.f('ix_events_merchant_id_id'), 'events', ['merchant_id', 'id'], unique=False, schema='outbox')
     op.create_index(op.f('ix_events_merchant_id_type_id'), 'events', ['merchant_id', 'type', 'id'], unique=False, schema='outbox')
     op.create_table('sleepers',
@@ -368,11 +370,13 @@ def downgrade() -> None:
     op.drop_table('subjects', schema='outbox')
     op.drop_table('sleepers', schema='outbox')
     op.drop_index(op.f('ix_events_merchant_id_type_id'), table_name='events', schema='outbox')
+    op.drop_index(op.f('ix_events_time'), table_name='events', schema='outbox')
     op.drop_index(op.f('ix_events_merchant_id_id'), table_name='events', schema='outbox')
     op.drop_table('events', schema='outbox')
     op.drop_index('ix_deliveries_subject_pending', table_name='deliveries', schema='outbox', postgresql_where=sa.text("status = 'pending'"))
     op.drop_index('ix_deliveries_delivered', table_name='deliveries', schema='outbox', postgresql_where=sa.text("status = 'delivered'"))
     op.drop_index('ix_deliveries_dead', table_name='deliveries', schema='outbox', postgresql_where=sa.text("status = 'dead'"))
+    op.drop_index('ix_deliveries_event_id', table_name='deliveries', schema='outbox')
     op.drop_index('ix_deliveries_claim', table_name='deliveries', schema='outbox', postgresql_where=sa.text("status = 'pending'"))
     op.drop_table('deliveries', schema='outbox')
     op.drop_index(op.f('ix_consumers_merchant_id'), table_name='consumers', schema='outbox')
