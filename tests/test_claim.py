@@ -1,0 +1,224 @@
+"""The claim/complete SQL (outbox.claim): claimability, leases and tokens, and the plan."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+
+import psycopg
+import pytest
+from psycopg import AsyncConnection
+
+from outbox import claim
+from outbox.claim import Claimed, Completion
+from outbox.consumers import disable_consumer, enable_consumer, redrive_dead
+
+WEBHOOK = "we_test"
+
+
+def _seed(db_url: str, events: list[tuple[str, str, int]], consumers: tuple[str, ...] = (WEBHOOK,),
+          merchant: str = "mer_x") -> None:
+    """Events (id, subject, sequence), each fanned out to every consumer in `consumers`."""
+    with psycopg.connect(db_url) as conn:
+        conn.execute("INSERT INTO merchants (id, name) VALUES (%s, 'x') ON CONFLICT DO NOTHING",
+                     (merchant,))
+        for name in consumers:
+            conn.execute(
+                "INSERT INTO webhook_endpoints (id, merchant_id, url, event_types, secret)"
+                " VALUES (%s, %s, 'https://example.com/', '{*}', 'whsec_AAAA')"
+                " ON CONFLICT DO NOTHING",
+                (name, merchant),
+            )
+            conn.execute(
+                "INSERT INTO outbox.consumers (name, kind, merchant_id, event_types)"
+                " VALUES (%s, 'webhook', %s, '{*}') ON CONFLICT DO NOTHING",
+                (name, merchant),
+            )
+        for event_id, subject, sequence in events:
+            conn.execute(
+                "INSERT INTO outbox.events (id, merchant_id, type, subject, sequence, time, data)"
+                " VALUES (%s, %s, 't.x', %s, %s, now(), '{}')",
+                (event_id, merchant, subject, sequence),
+            )
+            for name in consumers:
+                conn.execute(
+                    "INSERT INTO outbox.deliveries (consumer, event_id, subject, sequence)"
+                    " VALUES (%s, %s, %s, %s)",
+                    (name, event_id, subject, sequence),
+                )
+
+
+async def _claim(conn: AsyncConnection, limit: int = 100, lease: float = 60) -> list[Claimed]:
+    return await claim.claim_webhooks(conn, limit=limit, lease_seconds=lease, relay="test:1")
+
+
+def _result(item: Claimed, outcome: claim.Outcome, delay: float = 0, code: int = 500) -> Completion:
+    return Completion(item, outcome, delay, code, None if outcome == "delivered" else "x", 5)
+
+
+@pytest.fixture
+async def auto(db_url: str) -> AsyncConnection:
+    conn = await AsyncConnection.connect(db_url, autocommit=True)
+    yield conn  # type: ignore[misc]
+    await conn.close()
+
+
+async def test_only_the_oldest_pending_of_a_subject_is_claimable(
+    db_url: str, auto: AsyncConnection
+) -> None:
+    _seed(db_url, [("evt_a1", "a", 1), ("evt_a2", "a", 2), ("evt_b1", "b", 1)])
+    first = await _claim(auto)
+    assert sorted(c.event.id for c in first) == ["evt_a1", "evt_b1"]
+    assert await _claim(auto) == []  # leased: not due for anyone else
+
+    async with auto.transaction():
+        done = await claim.complete_webhooks(
+            auto, [_result(c, "delivered", code=204) for c in first if c.event.id == "evt_a1"]
+        )
+    assert done == {(WEBHOOK, "evt_a1")}
+    assert [c.event.id for c in await _claim(auto)] == ["evt_a2"]
+
+
+async def test_a_dead_delivery_stops_blocking_and_a_retry_keeps_blocking(
+    db_url: str, auto: AsyncConnection
+) -> None:
+    _seed(db_url, [("evt_a1", "a", 1), ("evt_a2", "a", 2)])
+    [a1] = await _claim(auto)
+    async with auto.transaction():
+        await claim.complete_webhooks(auto, [_result(a1, "retry", delay=0)])
+    [again] = await _claim(auto)
+    assert again.event.id == "evt_a1" and again.attempts == 1
+    async with auto.transaction():
+        await claim.complete_webhooks(auto, [_result(again, "dead")])
+    [a2] = await _claim(auto)
+    assert a2.event.id == "evt_a2"
+
+
+async def test_an_expired_lease_is_claimed_again_and_the_old_token_is_refused(
+    db_url: str, auto: AsyncConnection
+) -> None:
+    _seed(db_url, [("evt_a1", "a", 1)])
+    [old] = await _claim(auto, lease=60)
+    await auto.execute("UPDATE outbox.deliveries SET next_attempt_at = now() - interval '1 s'")
+    [new] = await _claim(auto)
+    assert new.token != old.token
+    async with auto.transaction():
+        assert await claim.complete_webhooks(auto, [_result(old, "delivered", code=204)]) == set()
+    async with auto.transaction():
+        assert await claim.complete_webhooks(auto, [_result(new, "delivered", code=204)]) == {
+            (WEBHOOK, "evt_a1")
+        }
+    cur = await auto.execute("SELECT count(*) FROM outbox.attempts")
+    assert await cur.fetchone() == (2,)  # both attempts are in the log
+
+
+async def test_retry_schedules_and_release_gives_back(db_url: str, auto: AsyncConnection) -> None:
+    _seed(db_url, [("evt_a1", "a", 1), ("evt_b1", "b", 1)])
+    a1, b1 = sorted(await _claim(auto), key=lambda c: c.event.id)
+    async with auto.transaction():
+        await claim.complete_webhooks(auto, [_result(a1, "retry", delay=300)])
+    assert await claim.release(auto, [b1]) == 1
+    cur = await auto.execute(
+        "SELECT event_id, attempts, lease_token IS NULL,"
+        " round(extract(epoch FROM next_attempt_at - now()))"
+        " FROM outbox.deliveries ORDER BY event_id"
+    )
+    assert await cur.fetchall() == [("evt_a1", 1, True, 300), ("evt_b1", 0, True, 0)]
+    due = await claim.seconds_to_next_due(auto)
+    assert due is not None and 290 < due <= 300
+
+
+async def test_disable_parks_and_enable_resumes(db_url: str, auto: AsyncConnection) -> None:
+    _seed(db_url, [("evt_a1", "a", 1), ("evt_b1", "b", 1)])
+    [*claimed] = await _claim(auto, limit=1)
+    async with auto.transaction():
+        assert await disable_consumer(auto, WEBHOOK, "testing")
+    assert await _claim(auto) == []
+    # The attempt in flight fails after the disable: it stays parked.
+    async with auto.transaction():
+        await claim.complete_webhooks(auto, [_result(claimed[0], "retry", delay=0)])
+    cur = await auto.execute(
+        "SELECT count(*) FROM outbox.deliveries WHERE next_attempt_at = 'infinity'"
+    )
+    assert await cur.fetchone() == (2,)
+    cur = await auto.execute("SELECT status, disabled_reason FROM webhook_endpoints")
+    assert await cur.fetchone() == ("disabled", "testing")
+
+    async with auto.transaction():
+        assert await enable_consumer(auto, WEBHOOK)
+    assert len(await _claim(auto)) == 2
+    async with auto.transaction():
+        assert not await disable_consumer(auto, "we_nobody", "x")
+
+
+async def test_redrive_puts_dead_back_with_a_fresh_schedule(
+    db_url: str, auto: AsyncConnection
+) -> None:
+    _seed(db_url, [("evt_a1", "a", 1), ("evt_b1", "b", 1)])
+    claimed = await _claim(auto)
+    async with auto.transaction():
+        await claim.complete_webhooks(auto, [_result(c, "dead") for c in claimed])
+    async with auto.transaction():
+        assert await redrive_dead(auto, WEBHOOK, since=datetime(2100, 1, 1, tzinfo=UTC)) == 0
+        assert await redrive_dead(auto, WEBHOOK) == 2
+    again = await _claim(auto)
+    assert len(again) == 2 and all(c.attempts == 0 for c in again)
+
+
+async def test_busy_consumers_are_skipped(db_url: str, auto: AsyncConnection) -> None:
+    _seed(db_url, [("evt_a1", "a", 1)], consumers=(WEBHOOK, "we_other"))
+    claimed = await claim.claim_webhooks(
+        auto, limit=10, lease_seconds=60, relay="t", busy=[WEBHOOK]
+    )
+    assert [c.consumer for c in claimed] == ["we_other"]
+
+
+async def test_handler_deliveries_are_not_claimed_as_webhooks(
+    db_url: str, auto: AsyncConnection
+) -> None:
+    _seed(db_url, [("evt_a1", "a", 1)], consumers=())
+    await auto.execute(
+        "INSERT INTO outbox.deliveries (consumer, event_id, subject, sequence)"
+        " VALUES ('reports', 'evt_a1', 'a', 1)"
+    )
+    assert await _claim(auto) == []
+    async with auto.transaction():
+        rows = await claim.claim_for_handler(auto, "reports", 10)
+        assert [e.id for _, e in rows] == ["evt_a1"]
+        await claim.complete_for_handler(auto, "reports", ["evt_a1"])
+    cur = await auto.execute("SELECT status, attempts FROM outbox.deliveries")
+    assert await cur.fetchone() == ("delivered", 1)
+
+
+async def test_claim_query_uses_the_partial_claim_index(db_url: str) -> None:
+    """With a realistic table (mostly delivered rows, a few pending), the claim walks
+    ix_deliveries_claim in next_attempt_at order instead of scanning the table."""
+    with psycopg.connect(db_url) as conn:
+        conn.execute(
+            "INSERT INTO merchants (id, name) VALUES ('mer_x', 'x');"
+            "INSERT INTO outbox.consumers (name, kind, merchant_id, event_types)"
+            " VALUES ('we_a', 'webhook', 'mer_x', '{*}'), ('we_b', 'webhook', 'mer_x', '{*}');"
+            "INSERT INTO outbox.events (id, merchant_id, type, subject, sequence, time, data)"
+            " SELECT 'evt_' || i, 'mer_x', 't.x', 'sub_' || (i % 5000), i / 5000 + 1, now(), '{}'"
+            " FROM generate_series(0, 49999) i;"
+            "INSERT INTO outbox.deliveries (consumer, event_id, subject, sequence, status,"
+            "                               next_attempt_at)"
+            " SELECT c, e.id, e.subject, e.sequence,"
+            "        CASE WHEN e.sequence < 10 THEN 'delivered' ELSE 'pending' END,"
+            "        now() - interval '1 hour' + e.sequence * interval '1 s'"
+            " FROM outbox.events e, unnest(ARRAY['we_a', 'we_b']) c;"
+        )
+        conn.commit()
+        conn.autocommit = True
+        conn.execute("ANALYZE outbox.deliveries")
+        conn.execute("ANALYZE outbox.consumers")
+        plan = "\n".join(
+            row[0]
+            for row in conn.execute(
+                "EXPLAIN " + claim.CLAIM_WEBHOOKS,
+                {"busy": [], "limit": 100, "lease": 60, "token": uuid.uuid4(), "relay": "t"},
+            )
+        )
+    assert "Index Scan using ix_deliveries_claim" in plan, plan
+    assert "ix_deliveries_subject_pending" in plan, plan  # the per-subject order check
+    assert "Seq Scan on deliveries" not in plan, plan
