@@ -1,0 +1,115 @@
+"""The `reports` handler consumer: daily totals, applied exactly once, in the relay's
+transaction."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from datetime import UTC, date, datetime, timedelta
+
+import psycopg
+from psycopg import AsyncConnection
+
+from outbox.envelope import Event
+from outbox.handlers import Handler, apply_reports
+from relay.settings import Settings
+from relay.worker import Relay
+from tests.relayhelpers import make_traffic, new_merchant, wait_until_delivered
+
+
+def _event(type_: str, amount: int, currency: str = "USD", merchant: str = "mer_a",
+           when: datetime | None = None) -> Event:
+    when = when or datetime(2026, 11, 27, 23, 59, 59, tzinfo=UTC)
+    return Event(f"evt_{type_}_{amount}", type_, "s", 1, when,
+                 {"amount": amount, "currency": currency}, merchant)
+
+
+async def test_apply_reports_aggregates_by_merchant_day_and_currency(
+    aconn: AsyncConnection,
+) -> None:
+    next_day = datetime(2026, 11, 28, 0, 0, 1, tzinfo=UTC)
+    events = [
+        _event("payment.succeeded", 100),
+        _event("payment.succeeded", 250),
+        _event("payment.succeeded", 7, "EUR"),
+        _event("payment.succeeded", 5, when=next_day),
+        _event("refund.succeeded", 30),
+        _event("deposit.succeeded", 1000),
+        _event("payout.paid", 400),
+        _event("payment.failed", 999),
+        _event("account.balance_changed", 999),
+        _event("payment.succeeded", 1, merchant="mer_b"),
+    ]
+    async with aconn.transaction():
+        await apply_reports(aconn, events)
+        await apply_reports(aconn, events[:1])
+    cur = await aconn.execute(
+        "SELECT merchant_id, day, currency, payments_count, payments_amount, refunds_amount,"
+        " deposits_amount, payouts_amount FROM daily_reports ORDER BY 1, 2, 3"
+    )
+    assert await cur.fetchall() == [
+        ("mer_a", date(2026, 11, 27), "EUR", 1, 7, 0, 0, 0),
+        ("mer_a", date(2026, 11, 27), "USD", 3, 450, 30, 1000, 400),
+        ("mer_a", date(2026, 11, 28), "USD", 1, 5, 0, 0, 0),
+        ("mer_b", date(2026, 11, 27), "USD", 1, 1, 0, 0, 0),
+    ]
+
+
+async def _run_relay(
+    db_url: str, handlers: Mapping[str, Handler]
+) -> tuple[Relay, asyncio.Task[int]]:
+    settings = Settings(
+        database_url=db_url, retry_schedule=(0, 0.1, 0.1), purge_interval=timedelta(0)
+    )
+    relay = Relay(settings, handlers=handlers)
+    task = asyncio.create_task(relay.run())
+    await asyncio.wait_for(relay.listener.connected.wait(), 30)
+    return relay, task
+
+
+async def test_relay_applies_each_event_once(db_url: str) -> None:
+    merchant = new_merchant(db_url)
+    relay, task = await _run_relay(db_url, {"reports": apply_reports})
+    try:
+        traffic = await make_traffic(db_url, [merchant], 60, clients=3)
+        await wait_until_delivered(db_url)
+    finally:
+        relay.stop()
+        assert await asyncio.wait_for(task, 60) == 0
+    with psycopg.connect(db_url) as conn:
+        row = conn.execute(
+            "SELECT sum(payments_count), sum(payments_amount), sum(deposits_amount)"
+            " FROM daily_reports"
+        ).fetchone()
+    assert row == (len(traffic.payments), sum(traffic.payments.values()), 6 * 10_000_000)
+
+
+async def test_a_failing_event_is_isolated_retried_and_dead_lettered(db_url: str) -> None:
+    merchant = new_merchant(db_url)
+    calls: list[int] = []
+
+    async def picky(conn: AsyncConnection, events: Sequence[Event]) -> None:
+        calls.append(len(events))
+        if any(e.type == "deposit.succeeded" for e in events):
+            raise ValueError("cannot handle deposits")
+        await apply_reports(conn, events)
+
+    relay, task = await _run_relay(db_url, {"reports": picky})
+    try:
+        traffic = await make_traffic(db_url, [merchant], 10, clients=1)
+        await wait_until_delivered(db_url)
+    finally:
+        relay.stop()
+        assert await asyncio.wait_for(task, 60) == 0
+    with psycopg.connect(db_url) as conn:
+        statuses = conn.execute(
+            "SELECT e.type, d.status, d.attempts, d.last_error IS NOT NULL"
+            " FROM outbox.deliveries d JOIN outbox.events e ON e.id = d.event_id"
+            " WHERE d.consumer = 'reports' GROUP BY 1, 2, 3, 4 ORDER BY 1"
+        ).fetchall()
+        total = conn.execute("SELECT sum(payments_amount) FROM daily_reports").fetchone()
+    assert statuses == [
+        ("deposit.succeeded", "dead", 3, True),
+        ("payment.succeeded", "delivered", 1, False),
+    ]
+    assert total == (sum(traffic.payments.values()),)
