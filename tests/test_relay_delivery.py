@@ -328,3 +328,54 @@ def test_bad_configuration_exits_2(db_url: str, tmp_path: Path) -> None:
         assert result.returncode == 2, (env, args, result.stderr)
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("outbox-relay: "), result.stderr
+
+
+async def test_systemd_notifications_metrics_and_json_logs(
+    db_url: str, receiver: Receiver, make_relay: MakeRelay
+) -> None:
+    import json
+    import urllib.request
+
+    from tests.support import free_port
+
+    merchant = new_merchant(db_url)
+    endpoint = add_endpoint(db_url, receiver, merchant, ["payment.succeeded"])
+    receiver.respond(endpoint.path, 500)
+    port = free_port()
+    relay = make_relay(
+        env={"WATCHDOG_USEC": "400000"},
+        args=["--metrics-port", str(port), "--log-format", "json"],
+    )
+    relay.wait_ready()
+    relay.wait_message("WATCHDOG=1", timeout=10)
+    await make_traffic(db_url, [merchant], 3, clients=1)
+    await wait_until_delivered(db_url)
+    relay._drain()
+    deadline = asyncio.get_running_loop().time() + 15
+    while not any(m.startswith("STATUS=") for m in relay.messages):
+        assert asyncio.get_running_loop().time() < deadline, relay.messages
+        await asyncio.sleep(0.1)
+        relay._drain()
+
+    def scrape() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            return str(response.read().decode())
+
+    text = await asyncio.to_thread(scrape)
+    assert 'outbox_deliveries_total{outcome="delivered"} 3.0' in text
+    assert 'outbox_deliveries_total{outcome="retry"} 1.0' in text
+    assert "outbox_attempt_duration_seconds_count 4.0" in text
+    assert "outbox_end_to_end_seconds_count" in text
+    assert f'outbox_pending{{consumer="{endpoint.id}"}}' in text
+    assert 'outbox_oldest_pending_age_seconds{consumer="reports"}' in text
+
+    assert relay.stop() == 0
+    relay._drain()
+    assert "STOPPING=1" in relay.messages
+    lines = [json.loads(line) for line in relay.log().splitlines() if line.strip()]
+    retry = next(line for line in lines if line.get("outcome") == "retry")
+    assert retry["consumer"] == endpoint.id and retry["attempt"] == 1
+    assert retry["status_code"] == 500 and retry["event"].startswith("evt_")
+    log_text = relay.log()
+    assert endpoint.secret.removeprefix("whsec_") not in log_text
+    assert "v1," not in log_text
