@@ -258,10 +258,12 @@ class Relay:
                 busy=busy,
             )
             keep, excess = self._share(claimed)
+            # Start what we keep before giving back the rest: if the release fails, only the
+            # excess waits for its lease to run out.
+            for item in keep:
+                self._dispatch(item)
             if excess:
                 await claim.release(conn, excess)
-        for item in keep:
-            self._dispatch(item)
         return keep
 
     def _share(self, claimed: list[Claimed]) -> tuple[list[Claimed], list[Claimed]]:

@@ -379,3 +379,29 @@ async def test_systemd_notifications_metrics_and_json_logs(
     log_text = relay.log()
     assert endpoint.secret.removeprefix("whsec_") not in log_text
     assert "v1," not in log_text
+
+
+async def test_an_idle_relay_registers_as_sleeper_and_is_woken(
+    db_url: str, receiver: Receiver, make_relay: MakeRelay
+) -> None:
+    merchant = new_merchant(db_url)
+    endpoint = add_endpoint(db_url, receiver, merchant, ["payment.succeeded"])
+    relay = make_relay().wait_ready()
+    assert relay.proc is not None
+
+    async def sleepers() -> list[str]:
+        with psycopg.connect(db_url) as conn:
+            return [r[0] for r in conn.execute("SELECT relay FROM outbox.sleepers")]
+
+    for _ in range(300):
+        if any(name.endswith(f":{relay.proc.pid}") for name in await sleepers()):
+            break
+        await asyncio.sleep(0.05)
+    else:
+        raise AssertionError("the idle relay never registered in outbox.sleepers")
+    # A publisher sees the sleeper and notifies; the relay delivers and sleeps again.
+    await make_traffic(db_url, [merchant], 1, clients=1)
+    await receiver.wait_for_async(1, path=endpoint.path, timeout=30)
+    await wait_until_delivered(db_url)
+    assert relay.stop() == 0
+    assert await sleepers() == []
