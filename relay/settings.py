@@ -8,6 +8,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+
 from db.settings import DEFAULT_DATABASE_URL
 from outbox.urlguard import Network, parse_networks
 
@@ -104,8 +107,13 @@ class Settings:
             raise SettingsError("--metrics-port must be a TCP port (0-65535)")
         if log_format not in ("text", "json"):
             raise SettingsError("--log-format must be text or json")
+        database_url = env.get("DATABASE_URL") or DEFAULT_DATABASE_URL
+        try:
+            conninfo_to_dict(database_url)
+        except psycopg.ProgrammingError as exc:
+            raise SettingsError(f"DATABASE_URL is not a valid libpq URL: {exc}") from None
         return cls(
-            database_url=env.get("DATABASE_URL") or DEFAULT_DATABASE_URL,
+            database_url=database_url,
             retry_schedule=_schedule(env),
             http_timeout=http_timeout,
             lease_seconds=lease,

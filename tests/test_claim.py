@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import psycopg
@@ -57,9 +58,9 @@ def _result(item: Claimed, outcome: claim.Outcome, delay: float = 0, code: int =
 
 
 @pytest.fixture
-async def auto(db_url: str) -> AsyncConnection:
+async def auto(db_url: str) -> AsyncIterator[AsyncConnection]:
     conn = await AsyncConnection.connect(db_url, autocommit=True)
-    yield conn  # type: ignore[misc]
+    yield conn
     await conn.close()
 
 

@@ -313,6 +313,7 @@ def test_bad_configuration_exits_2(db_url: str, tmp_path: Path) -> None:
         ({}, ["--concurrency", "0"]),
         ({}, ["--log-format", "xml"]),
         ({}, ["--bogus"]),
+        ({"DATABASE_URL": "postgresql://x/?nonsense=1"}, []),
     ]
     import os
 
@@ -320,7 +321,7 @@ def test_bad_configuration_exits_2(db_url: str, tmp_path: Path) -> None:
         result = subprocess.run(
             [sys.executable, "-m", "relay", *args],
             cwd=ROOT,
-            env={**os.environ, "DATABASE_URL": db_url, **env},
+            env={**os.environ, "DATABASE_URL": db_url, "OUTBOX_PURGE_INTERVAL": "0", **env},
             capture_output=True,
             text=True,
             timeout=30,
