@@ -14,8 +14,8 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 
-from api import routes_events, routes_ledger, routes_ops, routes_webhooks
-from api.errors import LedgerError, MethodNotAllowed, NotFound, Unavailable
+from api import routes_events, routes_ledger, routes_ops, routes_webhooks, uow
+from api.errors import LedgerError, MethodNotAllowed, NotFound, Unauthenticated, Unavailable
 from api.http import problem_response
 from api.metrics import MetricsMiddleware
 from db.settings import database_url
@@ -36,6 +36,16 @@ async def _configure(conn: AsyncConnection) -> None:
 
 async def _ledger_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, LedgerError)
+    if (
+        exc.status in (400, 413, 415)
+        and request.url.path.startswith("/v1/")
+        and getattr(request.state, "merchant", None) is None
+    ):
+        # Refused before authentication: a caller without a valid key learns nothing more.
+        try:
+            await uow.authenticated(request)
+        except (Unauthenticated, Unavailable) as auth_error:
+            exc = auth_error
     headers = {"Retry-After": "1"} if isinstance(exc, Unavailable) else None
     return problem_response(exc, headers)
 

@@ -70,6 +70,7 @@ async def _owned(conn: AsyncConnection, merchant: Merchant, endpoint_id: str) ->
 
 
 async def create_endpoint(request: Request) -> Response:
+    await uow.authenticated(request)  # before the URL check resolves any name
     body = await json_body(request)
     validate.only(body, "url", "event_types", "description")
     url = await _check_url(validate.required(body, "url"))
@@ -122,6 +123,7 @@ async def list_endpoints(request: Request) -> Response:
 
 async def update_endpoint(request: Request) -> Response:
     endpoint_id = request.path_params["id"]
+    await uow.authenticated(request)  # before the URL check resolves any name
     body = await json_body(request)
     validate.only(body, "url", "event_types", "status", "description")
     url = await _check_url(body["url"]) if "url" in body else None

@@ -35,11 +35,25 @@ def pool_of(request: Request) -> AsyncConnectionPool:
     return pool
 
 
+async def authenticated(request: Request) -> Merchant:
+    """Authenticate on its own, for requests that must not do anything else first (a URL check
+    that resolves names) or that were refused before reaching the database."""
+    api_key = bearer_key(request)
+    try:
+        async with pool_of(request).connection() as conn:
+            merchant = await authenticate(conn, api_key)
+    except (psycopg.OperationalError, PoolTimeout) as exc:
+        raise Unavailable("The database cannot be reached; retry shortly.") from exc
+    request.state.merchant = merchant
+    return merchant
+
+
 async def read(request: Request, handler: Handler) -> Response:
     api_key = bearer_key(request)
     try:
         async with pool_of(request).connection() as conn:
             merchant = await authenticate(conn, api_key)
+            request.state.merchant = merchant
             status, payload = await handler(conn, merchant)
     except (psycopg.OperationalError, PoolTimeout) as exc:
         raise Unavailable("The database cannot be reached; retry shortly.") from exc
@@ -76,6 +90,7 @@ async def _write_once(
     async with pool_of(request).connection() as conn, conn.pipeline():
         async with conn.transaction():
             merchant = await authenticate(conn, api_key)
+            request.state.merchant = merchant
             if key is None:
                 status, payload = await handler(conn, merchant)
                 return respond(status, orjson.dumps(payload))

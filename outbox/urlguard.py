@@ -126,11 +126,13 @@ def check_address(address: IPAddress, allowed: Sequence[Network], *, plain_http:
         return
     if plain_http:
         raise UrlRefused(
-            f"http:// is accepted only for allowed networks; {address} is not in one "
+            "http:// is accepted only for allowed networks; this host is not in one "
             "(use https://)"
         )
     if not is_public(address):
-        raise UrlRefused(f"the URL resolves to {address}, a non-public address")
+        # The address itself stays out of the message: it would tell a caller what a name
+        # resolves to inside our network.
+        raise UrlRefused("the URL's host is a non-public address (private, loopback, reserved)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +153,10 @@ def parse_url(url: str) -> Target:
     """Static checks (scheme, host form) without resolving; raises UrlRefused."""
     if not isinstance(url, str) or len(url) > 2048:
         raise UrlRefused("the URL must be a string of at most 2048 characters")
+    if any(ch == "\\" or ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in url):
+        # Parsers disagree on backslashes and control characters in the authority
+        # (https://127.0.0.1\@example.com); refuse them rather than guess which host is meant.
+        raise UrlRefused("the URL must not contain backslashes, spaces or control characters")
     try:
         parts = urlsplit(url.strip())
         port = parts.port
