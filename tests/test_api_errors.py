@@ -8,6 +8,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
 from api.app import create_app
@@ -160,7 +162,9 @@ def test_malformed_or_non_object_json(db_url: str, api: Api, raw: bytes) -> None
     assert snapshot(db_url) == before
 
 
-@pytest.mark.parametrize("limit", ["0", "101", "-1", "abc", "1.5", "10x", "1e1"])
+@pytest.mark.parametrize(
+    "limit", ["0", "101", "-1", "abc", "1.5", "10x", "1e1", "\u00b2", "\u0661\u0660"]
+)
 def test_bad_limit(api: Api, funded: dict[str, Any], limit: str) -> None:
     paths = ["/v1/accounts", f"/v1/accounts/{funded['a']}/entries", "/v1/payments",
              "/v1/events", "/v1/webhook_endpoints"]
@@ -427,3 +431,54 @@ def test_hostile_paths_never_500(api: Api, path: str) -> None:
     resp = api.get(path)
     assert resp.status_code < 500, resp.text
     assert "Traceback" not in resp.text
+
+
+# --- 422 idempotency_key_reused (409 in use: see test_api_idempotency.py) ---------------------
+
+
+def test_idempotency_key_reused_422(db_url: str, api: Api, funded: dict[str, Any]) -> None:
+    body = {"account": funded["a"], "amount": 10, "currency": "USD"}
+    assert api.post("/v1/deposits", body, idem="once").status_code == 201
+    before = snapshot(db_url)
+    assert_problem(api.post("/v1/deposits", {**body, "amount": 11}, idem="once"), 422,
+                   "idempotency_key_reused")
+    assert_problem(api.post("/v1/payouts", body, idem="once"), 422, "idempotency_key_reused")
+    assert snapshot(db_url) == before
+
+
+# --- fuzz -----------------------------------------------------------------------------------------
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(alphabet=st.characters(blacklist_characters="\x00"), max_size=20),
+    lambda inner: st.lists(inner, max_size=3)
+    | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=8,
+)
+_FIELDS = ["source", "destination", "account", "amount", "currency", "description",
+           "metadata", "url", "event_types", "since", "status"]
+
+
+@settings(max_examples=80, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(
+    path=st.sampled_from(["/v1/accounts", "/v1/deposits", "/v1/payments", "/v1/payouts",
+                          "/v1/webhook_endpoints"]),
+    body=st.dictionaries(st.sampled_from(_FIELDS), _JSON, max_size=6),
+)
+def test_random_json_bodies_never_500(
+    db_url: str, api: Api, funded: dict[str, Any], path: str, body: dict[str, Any]
+) -> None:
+    """Whatever JSON object arrives, the answer is a success or a problem, never a 5xx; a refused
+    request writes nothing."""
+    before = snapshot(db_url)
+    resp = api.post(path, body)
+    assert resp.status_code < 500, resp.text
+    assert "Traceback" not in resp.text
+    if resp.status_code >= 400:
+        assert resp.headers["content-type"].startswith("application/problem+json")
+        assert snapshot(db_url) == before
+    else:
+        assert resp.status_code == 201
+        assert_conserved(db_url)
