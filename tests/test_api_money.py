@@ -328,6 +328,22 @@ def test_refund_of_a_failed_payment_is_refused(db_url: str, api: Api) -> None:
     assert_conserved(db_url)
 
 
+def test_refund_when_the_destination_has_spent_the_money(db_url: str, api: Api) -> None:
+    """Customer balances never go below zero, not even for a refund."""
+    a = api.funded_account(1_000)
+    b = api.account()
+    pay = api.payment(a["id"], b["id"], 600)
+    created(api.payout(b["id"], 500))
+    before = snapshot(db_url)
+    resp = api.refund(pay["id"], 200)
+    assert 400 <= resp.status_code < 500, resp.text
+    assert resp.headers["content-type"].startswith("application/problem+json")
+    assert snapshot(db_url) == before
+    assert created(api.refund(pay["id"], 100))["amount"] == 100
+    assert api.balance(b["id"]) == 0
+    assert_conserved(db_url)
+
+
 # --- payouts ------------------------------------------------------------------------------------
 
 
