@@ -42,19 +42,7 @@ _CLAIMABLE = """
           AND p.status = 'pending' AND p.sequence < d.sequence)
 """
 
-CLAIM_WEBHOOKS = f"""
-WITH c AS (
-    SELECT d.consumer, d.event_id
-    FROM outbox.deliveries d
-    WHERE {_CLAIMABLE}
-      AND d.consumer <> ALL(%(busy)s::text[])
-      AND EXISTS (
-            SELECT 1 FROM outbox.consumers k
-            WHERE k.name = d.consumer AND k.kind = 'webhook' AND k.enabled)
-    ORDER BY d.next_attempt_at
-    LIMIT %(limit)s
-    FOR UPDATE OF d SKIP LOCKED
-)
+_LEASE_AND_RETURN = """
 UPDATE outbox.deliveries d
 SET next_attempt_at = now() + %(lease)s * interval '1 second',
     lease_token = %(token)s,
@@ -66,6 +54,49 @@ WHERE d.consumer = c.consumer AND d.event_id = c.event_id
 RETURNING d.consumer, d.attempts, e.id, e.type, e.subject, e.sequence, e.time, e.data,
           e.merchant_id, w.url, w.secret
 """
+
+_WEBHOOK_CONSUMER = """
+  AND EXISTS (
+        SELECT 1 FROM outbox.consumers k
+        WHERE k.name = d.consumer AND k.kind = 'webhook' AND k.enabled)
+"""
+
+CLAIM_WEBHOOKS = f"""
+WITH c AS (
+    SELECT d.consumer, d.event_id
+    FROM outbox.deliveries d
+    WHERE {_CLAIMABLE}
+      AND d.consumer <> ALL(%(busy)s::text[])
+      {_WEBHOOK_CONSUMER}
+    ORDER BY d.next_attempt_at
+    LIMIT %(limit)s
+    FOR UPDATE OF d SKIP LOCKED
+)
+{_LEASE_AND_RETURN}"""
+
+# The next delivery of subjects whose previous one was just delivered, found through
+# ix_deliveries_subject_pending instead of walking the claim index past every delivery that waits
+# behind its predecessor: a long chain of one subject's events moves at the speed of its
+# endpoint, not of the claim loop. The full claimable predicate is checked again under the lock,
+# so this can never overtake an earlier event.
+CLAIM_SUCCESSORS = f"""
+WITH s AS (
+    SELECT * FROM unnest(%(consumers)s::text[], %(subjects)s::text[]) AS s(consumer, subject)
+), nxt AS (
+    SELECT x.consumer, x.event_id
+    FROM s CROSS JOIN LATERAL (
+        SELECT p.consumer, p.event_id FROM outbox.deliveries p
+        WHERE p.consumer = s.consumer AND p.subject = s.subject AND p.status = 'pending'
+        ORDER BY p.sequence LIMIT 1
+    ) x
+), c AS (
+    SELECT d.consumer, d.event_id
+    FROM outbox.deliveries d JOIN nxt ON nxt.consumer = d.consumer AND nxt.event_id = d.event_id
+    WHERE {_CLAIMABLE}
+      {_WEBHOOK_CONSUMER}
+    FOR UPDATE OF d SKIP LOCKED
+)
+{_LEASE_AND_RETURN}"""
 
 CLAIM_FOR_HANDLER = f"""
 WITH c AS (
@@ -245,6 +276,28 @@ async def claim_webhooks(
     rows = await cur.fetchall()
     return [
         Claimed(row[0], token, row[1], _event(row[2:9]), row[9], row[10]) for row in rows
+    ]
+
+
+async def claim_successors(
+    conn: AsyncConnection,
+    subjects: Sequence[tuple[str, str]],
+    *,
+    lease_seconds: float,
+    relay: str,
+) -> list[Claimed]:
+    """Claim the next due delivery of each (consumer, subject), where it is claimable."""
+    if not subjects:
+        return []
+    token = uuid.uuid4()
+    cur = await conn.execute(
+        CLAIM_SUCCESSORS,
+        {"consumers": [c for c, _ in subjects], "subjects": [s for _, s in subjects],
+         "lease": lease_seconds, "token": token, "relay": relay},
+    )
+    return [
+        Claimed(row[0], token, row[1], _event(row[2:9]), row[9], row[10])
+        for row in await cur.fetchall()
     ]
 
 

@@ -430,7 +430,36 @@ class Relay:
                 self.metrics.deliveries.labels("stale").inc(len(batch) - len(done))
                 log.info("lease lost before completion", extra={"count": len(batch) - len(done)})
             # Completing an event can make the next one of its subject claimable.
+            await self._claim_successors(batch, done)
             self._kick.set()
+
+    async def _claim_successors(self, batch: list[Completion], done: set[tuple[str, str]]) -> None:
+        if self._stop.is_set():
+            return
+        assert self._pool is not None
+        counts = Counter(self._per_consumer)
+        free = self.settings.concurrency - len(self._inflight)
+        wanted: list[tuple[str, str]] = []
+        for r in batch:
+            key = (r.claimed.consumer, r.claimed.event.id)
+            if r.outcome not in ("delivered", "dead") or key not in done:
+                continue
+            if len(wanted) >= free or counts[r.claimed.consumer] >= self._consumer_limit:
+                continue
+            counts[r.claimed.consumer] += 1
+            wanted.append((r.claimed.consumer, r.claimed.event.subject))
+        if not wanted:
+            return
+        try:
+            async with self._pool.connection(timeout=_GETCONN_TIMEOUT) as conn:
+                claimed = await claim.claim_successors(
+                    conn, wanted, lease_seconds=self.settings.lease_seconds, relay=self.name
+                )
+        except _DB_ERRORS as exc:
+            log.warning("cannot claim successors: %s", _one(exc))
+            return
+        for item in claimed:
+            self._dispatch(item)
 
     # --- waking and sleeping --------------------------------------------------------------------
 

@@ -223,3 +223,26 @@ async def test_claim_query_uses_the_partial_claim_index(db_url: str) -> None:
     assert "Index Scan using ix_deliveries_claim" in plan, plan
     assert "ix_deliveries_subject_pending" in plan, plan  # the per-subject order check
     assert "Seq Scan on deliveries" not in plan, plan
+
+
+async def test_successors_are_claimed_only_when_claimable(
+    db_url: str, auto: AsyncConnection
+) -> None:
+    _seed(db_url, [("evt_a1", "a", 1), ("evt_a2", "a", 2), ("evt_a3", "a", 3)])
+    [a1] = await _claim(auto)
+
+    async def successors() -> list[str]:
+        claimed = await claim.claim_successors(
+            auto, [(WEBHOOK, "a"), (WEBHOOK, "nothing")], lease_seconds=60, relay="t"
+        )
+        return [c.event.id for c in claimed]
+
+    assert await successors() == []  # a1 is leased: a2 must wait
+    async with auto.transaction():
+        await claim.complete_webhooks(auto, [_result(a1, "retry", delay=0)])
+    assert await successors() == ["evt_a1"]  # the oldest pending is a1 again, not a2
+    await auto.execute(
+        "UPDATE outbox.deliveries SET status = 'delivered' WHERE event_id = 'evt_a1'"
+    )
+    assert await successors() == ["evt_a2"]
+    assert await successors() == []
