@@ -62,8 +62,14 @@ async def test_relay_survives_postgres_restarts(
     expected = webhook_expectations(db_url)
     check_complete_and_ordered(receiver, [endpoint], expected, slow_ok=1.0)
     assert "database unavailable" in relay.log()
+    # Against the table, not what the clients were told: the private cluster runs with
+    # synchronous_commit=off, so its crash may take back the last acknowledged commits.
     with psycopg.connect(db_url) as conn:
         reports = conn.execute(
-            "SELECT sum(payments_count) FROM daily_reports"
+            "SELECT sum(payments_count), sum(payments_amount) FROM daily_reports"
         ).fetchone()
-    assert reports == (81,)
+        payments = conn.execute(
+            "SELECT count(*), sum(amount) FROM payments WHERE status = 'succeeded'"
+        ).fetchone()
+    assert payments is not None and 75 <= payments[0] <= 81
+    assert reports == payments
