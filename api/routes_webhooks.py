@@ -20,7 +20,9 @@ from api.http import json_body
 from api.lists import fetch_page
 from ledger.ids import new_id
 from ledger.service import Merchant
+from outbox.consumers import disable_consumer, enable_consumer, redrive_dead
 from outbox.envelope import rfc3339
+from outbox.urlguard import UrlRefused, check_url_async
 
 Result = tuple[int, Any]
 _COLUMNS = "id, url, event_types, description, status, created_at"
@@ -47,8 +49,6 @@ def _allowed_networks() -> str:
 
 
 async def _check_url(value: Any) -> str:
-    from outbox.urlguard import UrlRefused, check_url_async
-
     if not isinstance(value, str) or not value or len(value) > 2048:
         raise InvalidRequest("url must be an https:// URL.", param="url")
     try:
@@ -134,8 +134,6 @@ async def update_endpoint(request: Request) -> Response:
     description = validate.optional_text(body, "description")
 
     async def run(conn: AsyncConnection, merchant: Merchant) -> Result:
-        from outbox.consumers import disable_consumer, enable_consumer
-
         before = await _owned(conn, merchant, endpoint_id)
         cur = await conn.execute(
             "UPDATE webhook_endpoints SET url = coalesce(%s, url),"
@@ -222,16 +220,8 @@ async def recover(request: Request) -> Response:
 
     async def run(conn: AsyncConnection, merchant: Merchant) -> Result:
         await _owned(conn, merchant, endpoint_id)
-        cur = await conn.execute(
-            "UPDATE outbox.deliveries d SET status = 'pending', attempts = 0,"
-            " next_attempt_at = CASE WHEN c.enabled THEN now() ELSE 'infinity' END,"
-            " dead_since = NULL, lease_token = NULL, leased_by = NULL"
-            " FROM outbox.consumers c"
-            " WHERE c.name = d.consumer AND d.consumer = %s AND d.status = 'dead'"
-            " AND d.dead_since >= %s",
-            (endpoint_id, since),
-        )
-        return 202, {"requeued": cur.rowcount}
+        requeued = await redrive_dead(conn, endpoint_id, since)
+        return 202, {"requeued": requeued}
 
     return await uow.write(request, body, run)
 

@@ -315,6 +315,12 @@ deliveries = Table(
         "delivered_at",
         postgresql_where=text("status = 'delivered'"),
     ),
+    Index(
+        "ix_deliveries_consumer_delivered",
+        "consumer",
+        "delivered_at",
+        postgresql_where=text("status = 'delivered'"),
+    ),
     Index("ix_deliveries_event_id", "event_id"),
     schema=OUTBOX,
     comment="One row per (consumer, event): the delivery state machine the relays work on.",

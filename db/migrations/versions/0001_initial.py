@@ -35,15 +35,22 @@ SQL_UP = [
            c.kind,
            c.merchant_id,
            c.enabled,
-           count(*) FILTER (WHERE d.status = 'pending' AND d.lease_token IS NULL) AS pending,
-           count(*) FILTER (WHERE d.status = 'pending' AND d.lease_token IS NOT NULL) AS in_flight,
-           count(*) FILTER (WHERE d.status = 'dead') AS dead,
-           count(*) FILTER (WHERE d.status = 'delivered'
-                            AND d.delivered_at > now() - interval '5 minutes') AS delivered_5m,
-           now() - min(d.created_at) FILTER (WHERE d.status = 'pending') AS oldest_pending_age
+           p.pending,
+           p.in_flight,
+           (SELECT count(*) FROM outbox.deliveries d
+             WHERE d.consumer = c.name AND d.status = 'dead') AS dead,
+           (SELECT count(*) FROM outbox.deliveries d
+             WHERE d.consumer = c.name AND d.status = 'delivered'
+               AND d.delivered_at > now() - interval '5 minutes') AS delivered_5m,
+           now() - p.oldest AS oldest_pending_age
     FROM outbox.consumers c
-    LEFT JOIN outbox.deliveries d ON d.consumer = c.name
-    GROUP BY c.name, c.kind, c.merchant_id, c.enabled
+    CROSS JOIN LATERAL (
+        SELECT count(*) FILTER (WHERE d.lease_token IS NULL) AS pending,
+               count(*) FILTER (WHERE d.lease_token IS NOT NULL) AS in_flight,
+               min(d.created_at) AS oldest
+        FROM outbox.deliveries d
+        WHERE d.consumer = c.name AND d.status = 'pending'
+    ) AS p
     """,
     "COMMENT ON VIEW outbox.backlog IS 'One row per consumer: what waits, what is being "
     "delivered, what is dead, and how old the oldest waiting event is.'",
@@ -173,6 +180,7 @@ def upgrade() -> None:
     schema='outbox',
     comment='One row per (consumer, event): the delivery state machine the relays work on.'
     )
+    op.create_index('ix_deliveries_consumer_delivered', 'deliveries', ['consumer', 'delivered_at'], unique=False, schema='outbox', postgresql_where=sa.text("status = 'delivered'"))
     op.create_index('ix_deliveries_event_id', 'deliveries', ['event_id'], unique=False, schema='outbox')
     op.create_index('ix_deliveries_claim', 'deliveries', ['next_attempt_at'], unique=False, schema='outbox', postgresql_where=sa.text("status = 'pending'"))
     op.create_index('ix_deliveries_dead', 'deliveries', ['consumer', 'dead_since'], unique=False, schema='outbox', postgresql_where=sa.text("status = 'dead'"))
@@ -376,6 +384,7 @@ def downgrade() -> None:
     op.drop_index('ix_deliveries_subject_pending', table_name='deliveries', schema='outbox', postgresql_where=sa.text("status = 'pending'"))
     op.drop_index('ix_deliveries_delivered', table_name='deliveries', schema='outbox', postgresql_where=sa.text("status = 'delivered'"))
     op.drop_index('ix_deliveries_dead', table_name='deliveries', schema='outbox', postgresql_where=sa.text("status = 'dead'"))
+    op.drop_index('ix_deliveries_consumer_delivered', table_name='deliveries', schema='outbox', postgresql_where=sa.text("status = 'delivered'"))
     op.drop_index('ix_deliveries_event_id', table_name='deliveries', schema='outbox')
     op.drop_index('ix_deliveries_claim', table_name='deliveries', schema='outbox', postgresql_where=sa.text("status = 'pending'"))
     op.drop_table('deliveries', schema='outbox')
