@@ -63,8 +63,8 @@ def _machine_ticks() -> tuple[int, int]:
     return total - idle, total
 
 
-def group_cpu_seconds(pgids: list[int]) -> dict[int, float]:
-    """CPU seconds (user + system) of every live process in each process group."""
+def group_cpu_seconds(pgids: list[int], system_only: bool = False) -> dict[int, float]:
+    """CPU seconds (user + system, or system only) of every live process in each group."""
     wanted = set(pgids)
     out = dict.fromkeys(pgids, 0.0)
     for entry in os.scandir("/proc"):
@@ -77,7 +77,7 @@ def group_cpu_seconds(pgids: list[int]) -> dict[int, float]:
         rest = raw[raw.rfind(")") + 2 :].split()
         pgrp = int(rest[2])
         if pgrp in wanted:
-            out[pgrp] += (int(rest[11]) + int(rest[12])) / _TICKS
+            out[pgrp] += ((0 if system_only else int(rest[11])) + int(rest[12])) / _TICKS
     return out
 
 
@@ -114,6 +114,7 @@ class Usage:
     machine_busy_cores: float
     children_cores: dict[str, float]
     loadavg: float
+    children_system_share: dict[str, float]
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -121,6 +122,8 @@ class Usage:
             "machine_busy_cores": round(self.machine_busy_cores, 2),
             "children_cores": {k: round(v, 2) for k, v in self.children_cores.items()},
             "loadavg_1m": round(self.loadavg, 2),
+            "children_system_share": {k: round(v, 2)
+                                      for k, v in self.children_system_share.items()},
         }
 
 
@@ -133,12 +136,19 @@ class Meter:
         self.t0 = time.monotonic()
         self.busy0, self.total0 = _machine_ticks()
         self.cpu0 = group_cpu_seconds(list(self.children.values()))
+        self.sys0 = group_cpu_seconds(list(self.children.values()), system_only=True)
         self.pg0 = server_cpu_seconds(postmaster) if postmaster else 0.0
 
     def stop(self) -> Usage:
         wall = time.monotonic() - self.t0
         busy1, total1 = _machine_ticks()
         cpu1 = group_cpu_seconds(list(self.children.values()))
+        sys1 = group_cpu_seconds(list(self.children.values()), system_only=True)
+        system_share = {}
+        for name, pg in self.children.items():
+            used = cpu1.get(pg, 0.0) - self.cpu0.get(pg, 0.0)
+            if used > 0:
+                system_share[name] = (sys1.get(pg, 0.0) - self.sys0.get(pg, 0.0)) / used
         ncpu = os.cpu_count() or 1
         total = max(total1 - self.total0, 1)
         busy_cores = (busy1 - self.busy0) / total * ncpu
@@ -149,4 +159,41 @@ class Meter:
         if self.postmaster:
             per_child["postgresql_server"] = (
                 server_cpu_seconds(self.postmaster) - self.pg0) / max(wall, 1e-9)
-        return Usage(wall, busy_cores, per_child, os.getloadavg()[0])
+        return Usage(wall, busy_cores, per_child, os.getloadavg()[0], system_share)
+
+
+def _pids_cpu(pids: list[int]) -> dict[int, float]:
+    out = {}
+    for pid in pids:
+        try:
+            raw = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        rest = raw[raw.rfind(")") + 2 :].split()
+        out[pid] = (int(rest[11]) + int(rest[12])) / _TICKS
+    return out
+
+
+async def database_cores(url: str, start_after: float, window: float) -> float | None:
+    """Cores used by the server processes connected to `url`'s database over a window that
+    starts `start_after` seconds from now (backends alive at both ends; others' databases on a
+    shared server are not in it)."""
+    import asyncio
+
+    import psycopg
+
+    query = ("SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+             " AND pid <> pg_backend_pid()")
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        await asyncio.sleep(start_after)
+        cur = await conn.execute(query)
+        first = _pids_cpu([r[0] for r in await cur.fetchall()])
+        t0 = time.monotonic()
+        await asyncio.sleep(window)
+        cur = await conn.execute(query)
+        last = _pids_cpu([r[0] for r in await cur.fetchall()])
+        elapsed = time.monotonic() - t0
+    both = set(first) & set(last)
+    if not both or elapsed <= 0:
+        return None
+    return sum(last[p] - first[p] for p in both) / elapsed

@@ -138,7 +138,22 @@ def statements() -> list[str]:
     return [lock, recent, move, insert, events]
 
 
-def script(naccounts: int, pipelined: bool) -> str:
+def api_statements() -> tuple[str, str, str]:
+    """What the API adds around the payment: authentication, the idempotency key reserved and
+    recorded (api/auth.py, api/idempotency.py), bound like the rest."""
+    from api import auth, idempotency
+
+    key = "('k' || :r::text || '_' || :client_id::text)"
+    lookup = bind(auth._LOOKUP, ["decode(:keyhash::text, 'hex')"])
+    begin = bind(idempotency._BEGIN, named={
+        "lock": f"({_MER} || ':' || {key})", "merchant": _MER, "key": key})
+    finish = bind(idempotency._FINISH, [
+        _MER, key, "'POST /v1/payments'", "sha256(convert_to(" + key + ", 'UTF8'))", "201",
+        f"convert_to({_payment_json()}::text, 'UTF8')"])
+    return lookup, begin, finish
+
+
+def script(naccounts: int, pipelined: bool, with_api: bool = False) -> str:
     lock, recent, move, insert, events = statements()
     head = [
         f"\\set s random(1, {naccounts})",
@@ -146,7 +161,16 @@ def script(naccounts: int, pipelined: bool) -> str:
         "\\set amount random(1, 100)",
         "\\set r random(0, 9999999999)",
     ]
-    if pipelined:
+    if with_api:
+        # The API's round trips (api/uow.py): BEGIN + auth; reserve the key; SAVEPOINT + locks;
+        # the writes + RELEASE + record the key + COMMIT.
+        lookup, begin, finish = api_statements()
+        body = ["\\startpipeline", "BEGIN;", f"{lookup};", "\\endpipeline",
+                f"{begin};",
+                "\\startpipeline", "SAVEPOINT s;", f"{lock};", f"{recent};", "\\endpipeline",
+                "\\startpipeline", f"{move};", f"{insert};", f"{events};", "RELEASE SAVEPOINT s;",
+                f"{finish};", "COMMIT;", "\\endpipeline"]
+    elif pipelined:
         body = ["\\startpipeline", "BEGIN;", f"{lock};", f"{recent};", "\\endpipeline",
                 "\\startpipeline", f"{move};", f"{insert};", f"{events};", "COMMIT;",
                 "\\endpipeline"]
@@ -176,6 +200,7 @@ class PgbenchResult:
     clients: int
     seconds: float
     pipelined: bool
+    with_api: bool
 
 
 def available() -> bool:
@@ -190,14 +215,17 @@ def run(
     seconds: float,
     pipelined: bool,
     threads: int = 2,
+    with_api: bool = False,
+    keyhash: str = "",
 ) -> PgbenchResult:
     """Run the script for `seconds` with `clients` connections; latencies from pgbench's log."""
     with tempfile.TemporaryDirectory(prefix="bench-pgbench-") as tmp:
         path = Path(tmp) / "payment.sql"
-        path.write_text(script(naccounts, pipelined))
+        path.write_text(script(naccounts, pipelined, with_api))
         argv = [
             "pgbench", "-n", "-M", "prepared", "-c", str(clients), "-j", str(threads),
             "-T", str(max(1, round(seconds))), "-D", f"merchant={merchant}",
+            "-D", f"keyhash={keyhash or '00'}",
             "--max-tries=10", "-l", "--log-prefix", str(Path(tmp) / "log"),
             "-f", str(path), dbname,
         ]
@@ -225,6 +253,7 @@ def run(
         clients=clients,
         seconds=seconds,
         pipelined=pipelined,
+        with_api=with_api,
     )
 
 

@@ -40,7 +40,8 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 def build(meta: Json, results: Json, usage: Json, config: Json, notes: list[str]) -> Json:
     pgb = results.get("pgbench") or {}
-    pgbench_tps = max((v["tps"] for v in pgb.values()), default=None) if pgb else None
+    baselines = [v["tps"] for k, v in pgb.items() if k in ("pipelined", "plain")]
+    pgbench_tps = max(baselines, default=None)
     drain = _best(results.get("pgqueuer_drain"), "jobs_per_s")
     throughput = _best(results.get("pgqueuer_throughput"), "jobs_per_s")
     api = results.get("api") or {}

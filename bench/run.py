@@ -154,14 +154,26 @@ async def setup(run: Run) -> None:
 
 
 async def _clean_outbox(run: Run) -> None:
-    """Start a phase from an empty queue: deliveries and events of earlier phases go, and the
-    tables are vacuumed and analysed so plans and visibility are those of a steady state."""
+    """Start a phase from an empty queue: deliveries and events of earlier phases go.
+
+    The queue tables are truncated but not analysed while empty: statistics that say "empty"
+    while a backlog builds make the claim plans quadratic (docs/benchmarks.md), a state a running
+    system leaves as soon as autovacuum has seen the backlog. `_analyze_queue` takes a backlog's
+    statistics, as autovacuum would have while it accumulated."""
     assert run.db is not None
     async with await psycopg.AsyncConnection.connect(run.db.url, autocommit=True) as conn:
         await conn.execute("TRUNCATE outbox.deliveries, outbox.attempts, outbox.events")
-        await conn.execute("DELETE FROM outbox.sleepers")
-        await conn.execute("VACUUM ANALYZE")
+        # outbox.sleepers stays: a live relay's row is what makes publishers wake it.
+        for table in ("accounts", "payments", "ledger_entries", "idempotency_keys",
+                      "outbox.subjects", "daily_reports"):
+            await conn.execute(f"VACUUM ANALYZE {table}")
         await conn.execute("CHECKPOINT")
+
+
+async def _analyze_queue(run: Run) -> None:
+    assert run.db is not None
+    async with await psycopg.AsyncConnection.connect(run.db.url, autocommit=True) as conn:
+        await conn.execute("ANALYZE outbox.deliveries, outbox.events, outbox.subjects")
 
 
 # --- the API and its baseline -------------------------------------------------------------------
@@ -195,10 +207,14 @@ async def api_closed_loop(run: Run, seconds: float, label: str) -> Json:
     profiler = Profiler(cfg.profile_dir)
     profiler.start(label, run.api.serving_pids(), cfg.warmup + seconds)
     meter = run.meter()
+    assert run.db is not None
+    db_cores = asyncio.create_task(
+        machine.database_cores(run.db.url, cfg.warmup + 0.5, max(seconds - 1.0, 0.5)))
     samples = await httpload.closed_loop(
         HOST, run.api.port, _payment_maker(run), cfg.concurrency, seconds, cfg.warmup, 201
     )
     usage = meter.stop()
+    db_cpu = await db_cores
     run.usage[label] = usage.as_dict()
     profiler.finish()
     ok = samples.ok(201)
@@ -216,6 +232,8 @@ async def api_closed_loop(run: Run, seconds: float, label: str) -> Json:
         "api_cpu_ms_per_payment": usage.children_cores.get("api", 0.0) / max(rate, 1e-9) * 1000,
         "server_cpu_ms_per_payment": (usage.children_cores.get("postgresql_server", 0.0)
                                       / max(rate, 1e-9) * 1000),
+        "database_cpu_ms_per_payment": (db_cpu / max(rate, 1e-9) * 1000
+                                        if db_cpu is not None else None),
     }
     if ok < sum(samples.statuses.values()):
         run.notes.append(f"{label}: not every answer was 201: {result['statuses']}")
@@ -239,21 +257,31 @@ async def phase_pgbench(run: Run) -> None:
     if not pgbench.available():
         run.notes.append("pgbench is not installed: no API baseline")
         return
+    from ledger.merchants import hash_key
+
+    keyhash = hash_key(run.api_key).hex()
     out: Json = {}
-    for pipelined in (True, False):
-        shape = "pipelined" if pipelined else "plain"
+    # The baseline is the better of the first two; the third runs the API's own statements too
+    # (auth, idempotency, savepoint): what the API's database work costs without HTTP/Python.
+    for shape in ("pipelined", "plain", "with_api_statements"):
+        pipelined = shape != "plain"
         run.say(f"pgbench ({shape}): {cfg.concurrency} clients, {cfg.api_seconds:.0f}s")
         meter = run.meter()
+        db_cores = asyncio.create_task(
+            machine.database_cores(run.db.url, 1.0, max(cfg.api_seconds - 2.0, 0.5)))
         res = await asyncio.to_thread(
             pgbench.run, run.db.name, run.merchant, cfg.accounts, cfg.concurrency,
-            cfg.api_seconds, pipelined,
+            cfg.api_seconds, pipelined, 2, shape == "with_api_statements", keyhash,
         )
         usage = meter.stop()
+        db_cpu = await db_cores
         run.usage[f"pgbench_{shape}"] = usage.as_dict()
         out[shape] = {"tps": res.tps, "p50_ms": res.p50_ms, "p99_ms": res.p99_ms,
                       "transactions": res.transactions, "failed": res.failed,
                       "server_cpu_ms_per_txn": (usage.children_cores.get("postgresql_server", 0.0)
-                                                / max(res.tps, 1e-9) * 1000)}
+                                                / max(res.tps, 1e-9) * 1000),
+                      "database_cpu_ms_per_txn": (db_cpu / max(res.tps, 1e-9) * 1000
+                                                  if db_cpu is not None else None)}
         run.say(f"pgbench ({shape}): {res.tps:.0f} tps, p50 {res.p50_ms:.1f} ms, "
                 f"p99 {res.p99_ms:.1f} ms")
         await _clean_outbox(run)
@@ -263,7 +291,7 @@ async def phase_pgbench(run: Run) -> None:
 async def _pin_sleeper(run: Run, on: bool) -> None:
     assert run.db is not None
     async with await psycopg.AsyncConnection.connect(run.db.url, autocommit=True) as conn:
-        await conn.execute("DELETE FROM outbox.sleepers")
+        await conn.execute("DELETE FROM outbox.sleepers WHERE relay = 'bench:asleep'")
         if on:
             await conn.execute("INSERT INTO outbox.sleepers (relay) VALUES ('bench:asleep')")
 
@@ -381,40 +409,62 @@ def _start_relays(run: Run, tag: str) -> Relays:
     return Relays(run.db.url, cfg.relays, cfg.relay_concurrency, cfg.relay_batch, cfg.log_dir, tag)
 
 
+async def _delivered_window(
+    conn: psycopg.AsyncConnection[Any], consumer: str
+) -> tuple[float, float, int, int]:
+    """(first, last) delivered_at as epoch seconds, how many share the first, and the total."""
+    cur = await conn.execute(
+        "SELECT extract(epoch FROM min(delivered_at)), extract(epoch FROM max(delivered_at)),"
+        " count(*) FILTER (WHERE delivered_at = (SELECT min(delivered_at) FROM outbox.deliveries"
+        "   WHERE consumer = %(c)s AND status = 'delivered')), count(*)"
+        " FROM outbox.deliveries WHERE consumer = %(c)s AND status = 'delivered'",
+        {"c": consumer})
+    row = await cur.fetchone()
+    assert row is not None and row[0] is not None
+    return float(row[0]), float(row[1]), int(row[2]), int(row[3])
+
+
 async def phase_handler(run: Run) -> None:
+    """A backlog accumulated while no relay ran; the relays start and drain it. The rate is
+    measured from the first batch's commit to the last one's (`delivered_at`), so the process
+    start-up is not in it; the first batch is not counted either."""
     cfg = run.config
     assert run.db is not None
+    if run.relays is not None:
+        run.relays.stop()
+        run.relays = None
     await _clean_outbox(run)
-    run.relays = _start_relays(run, "a")
-    await run.relays.asleep()
-    run.say(f"handler drain: publishing {cfg.jobs} payment.succeeded events for `reports` "
-            f"({cfg.relays} relay(s), batch {cfg.relay_batch})")
     async with await psycopg.AsyncConnection.connect(run.db.url, autocommit=True) as conn:
         await conn.execute("TRUNCATE daily_reports")
-        profiler = Profiler(cfg.profile_dir)
-        meter = run.meter()
-        committed = await _publish_backlog(run, cfg.jobs)
-        profiler.start("handler", run.relays.pids(), 20)
+    run.say(f"handler drain: {cfg.jobs} payment.succeeded events for `reports` published with "
+            f"no relay running; then {cfg.relays} relay(s), batch {cfg.relay_batch}")
+    await _publish_backlog(run, cfg.jobs)
+    await _analyze_queue(run)
+    meter = run.meter()
+    run.relays = _start_relays(run, "h")
+    meter.children.update({c.name: c.pid for c in run.relays.children})
+    profiler = Profiler(cfg.profile_dir)
+    await asyncio.sleep(1.0)
+    profiler.start("handler", run.relays.pids(), 15)
+    async with await psycopg.AsyncConnection.connect(run.db.url, autocommit=True) as conn:
         await _drained(conn, "reports", 600)
         run.usage["handler_drain"] = meter.stop().as_dict()
         profiler.finish()
-        cur = await conn.execute(
-            "SELECT extract(epoch FROM max(delivered_at)), count(*) FROM outbox.deliveries"
-            " WHERE consumer = 'reports' AND status = 'delivered'")
-        row = await cur.fetchone()
-        assert row is not None
-        last, delivered = float(row[0]), int(row[1])
+        first, last, at_first, delivered = await _delivered_window(conn, "reports")
         cur = await conn.execute("SELECT coalesce(sum(payments_count), 0) FROM daily_reports")
-        counted = await cur.fetchone()
-    seconds = last - committed
-    rate = cfg.jobs / seconds
+        counted_row = await cur.fetchone()
+    counted = int(counted_row[0]) if counted_row else 0
+    seconds = last - first
+    rate = (delivered - at_first) / seconds if seconds > 0 else float("nan")
     run.results["handler"] = {"events": cfg.jobs, "delivered": delivered,
-                              "reports_payments_count": int(counted[0]) if counted else 0,
-                              "seconds": seconds, "events_per_s": rate}
-    if delivered != cfg.jobs or (counted and int(counted[0]) != cfg.jobs):
-        run.notes.append(f"handler: {delivered} delivered, reports counted "
-                         f"{counted[0] if counted else '?'}, of {cfg.jobs}")
-    run.say(f"handler drain: {rate:.0f} events/s ({seconds:.2f}s for {cfg.jobs})")
+                              "reports_payments_count": counted, "seconds": seconds,
+                              "events_per_s": rate, "relays": cfg.relays,
+                              "batch_size": cfg.relay_batch}
+    if delivered != cfg.jobs or counted != cfg.jobs:
+        run.notes.append(f"handler: {delivered} delivered, reports counted {counted}, "
+                         f"of {cfg.jobs}")
+    run.say(f"handler drain: {rate:.0f} events/s ({seconds:.2f}s for {cfg.jobs}; reports "
+            f"counted {counted})")
 
 
 async def _peer(run: Run, *args: str) -> Json:
@@ -449,27 +499,35 @@ async def phase_pgqueuer_drain(run: Run) -> None:
 
 
 async def phase_webhooks(run: Run) -> None:
+    """Webhook deliveries accumulated while no relay ran (the handler consumer disabled, so
+    only the endpoint gets them); the relays start and deliver to the receiver. The rate runs
+    from the first arrival at the receiver to the last."""
     cfg = run.config
     assert run.db is not None and run.receiver is not None and run.api is not None
     await _ensure_endpoint(run)
+    if run.relays is not None:
+        run.relays.stop()
+        run.relays = None
     await _clean_outbox(run)
-    if run.relays is None:
-        run.relays = _start_relays(run, "b")
-    await run.relays.asleep()
     await run.receiver.reset()
-    run.say(f"webhook drain: {cfg.webhook_backlog} deliveries to the receiver "
-            f"({cfg.relays} relay(s), concurrency {cfg.relay_concurrency})")
+    run.say(f"webhook drain: {cfg.webhook_backlog} deliveries published with no relay running; "
+            f"then {cfg.relays} relay(s), --concurrency {cfg.relay_concurrency}")
     async with await psycopg.AsyncConnection.connect(run.db.url, autocommit=True) as conn:
-        # Only the webhook consumer gets this backlog: the handler has its own figure.
         await conn.execute("UPDATE outbox.consumers SET enabled = false WHERE kind = 'handler'")
         try:
-            profiler = Profiler(cfg.profile_dir)
+            await _publish_backlog(run, cfg.webhook_backlog)
+            await _analyze_queue(run)
             meter = run.meter()
-            committed = await _publish_backlog(run, cfg.webhook_backlog)
-            profiler.start("webhooks", run.relays.pids(), 15)
+            run.relays = _start_relays(run, "w")
+            meter.children.update({c.name: c.pid for c in run.relays.children})
+            profiler = Profiler(cfg.profile_dir)
             deadline = time.monotonic() + 600
+            profiling = False
             while True:
                 stats = await run.receiver.stats()
+                if not profiling and int(stats["count"]) > 0:
+                    profiler.start("webhooks", run.relays.pids(), 10)
+                    profiling = True
                 if int(stats["unique"]) >= cfg.webhook_backlog:
                     break
                 if time.monotonic() > deadline:
@@ -477,18 +535,18 @@ async def phase_webhooks(run: Run) -> None:
                 await asyncio.sleep(0.2)
             run.usage["webhook_drain"] = meter.stop().as_dict()
             profiler.finish()
-            # The receiver's clock is this machine's: the same clock as `committed`.
-            seconds = float(stats["last"]) - committed
             await _drained(conn, None, 120)  # completions written too
         finally:
             await conn.execute("UPDATE outbox.consumers SET enabled = true WHERE kind = 'handler'")
+    seconds = float(stats["last"]) - float(stats["first"])
     samples = await run.receiver.samples()
     good = sum(verify(run.endpoint_secret, s) for s in samples)
-    rate = cfg.webhook_backlog / seconds
+    rate = (cfg.webhook_backlog - 1) / seconds if seconds > 0 else float("nan")
     run.results["webhooks"] = {
         "deliveries": cfg.webhook_backlog, "received": int(stats["count"]),
         "unique": int(stats["unique"]), "seconds": seconds, "deliveries_per_s": rate,
-        "signatures_checked": len(samples), "signatures_valid": good,
+        "signatures_checked": len(samples), "signatures_valid": good, "relays": cfg.relays,
+        "relay_concurrency": cfg.relay_concurrency,
     }
     if good != len(samples):
         run.notes.append(f"webhooks: {len(samples) - good} of {len(samples)} signatures invalid")
