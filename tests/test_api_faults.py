@@ -4,6 +4,9 @@
   `unavailable` with `Retry-After`, never a 500; the API recovers on its own once the server is
   back; every payment that got a 201 exists afterwards; retrying the 503s with their
   Idempotency-Key makes each request take effect exactly once; money is conserved.
+- The disk under the ledger tables fills up (a tablespace on a 4 MiB tmpfs, filled to the brim):
+  writes answer 503 `unavailable`, never 500, nothing half-written; once space is freed the API
+  writes again by itself, and the refused requests retried with their keys take effect once.
 - The database turns read-only (`default_transaction_read_only`, as during a failover or a full
   disk guard): writes answer 503 `unavailable` with `Retry-After` (the decision documented in
   docs/reliability.md: the condition is the database's and temporary, like a stopped server),
@@ -13,6 +16,10 @@
 
 from __future__ import annotations
 
+import os
+import pwd
+import subprocess
+import tempfile
 import threading
 import time
 import uuid
@@ -26,7 +33,7 @@ import pytest
 
 from ledger.merchants import NewKey, create_merchant
 from tests.apihelpers import assert_conserved, query, snapshot
-from tests.support.pgcluster import PgCluster
+from tests.support.pgcluster import SERVER_USER, PgCluster
 from tests.test_request_limits import ApiProcess, serve_api
 
 THREADS = 4
@@ -197,6 +204,80 @@ def test_server_stop_under_payment_load(setup: Setup, mode: str) -> None:
         assert client.get("/readyz").status_code == 200
     print(f"{mode}: {load.count(201)} x 201, {load.count(503)} x 503, "
           f"recovered {recovered - restarted:.1f} s after the restart")
+
+
+def _check_outcomes_and_retry(s: Setup, load: Load) -> None:
+    """No answer but 201/503; each 503 is `unavailable` with Retry-After; every 201 exists; a
+    retry of each 503 with its key takes effect once; money is conserved."""
+    outcomes = list(load.outcomes)
+    others = [o for o in outcomes if o.status not in (201, 503)]
+    assert not others, f"answers other than 201 and 503: {others[:5]}"
+    for outcome in outcomes:
+        if outcome.status == 503:
+            _assert_unavailable(outcome)
+    paid = {o.body["id"]: o for o in outcomes if o.status == 201}
+    rows = dict(query(s.url, "SELECT id, amount FROM payments WHERE id = ANY(%s)", (list(paid),)))
+    assert set(rows) == set(paid), f"lost after a 201: {sorted(set(paid) - set(rows))[:5]}"
+    with load.client() as client:
+        for outcome in [o for o in outcomes if o.status == 503]:
+            retried = load.pay(client, outcome.key)
+            assert retried.status == 201, retried
+    keys = {o.key for o in outcomes if o.key}
+    total = query(s.url, "SELECT count(*) FROM payments")[0][0]
+    assert total == len(keys), (total, len(keys))
+    assert_conserved(s.url)
+
+
+_MOVED_TABLES = ("ledger_entries", "payments", "idempotency_keys", "outbox.events",
+                 "outbox.deliveries", "outbox.subjects")
+
+
+def test_disk_full_under_payment_load(setup: Setup) -> None:
+    s = setup
+    mountpoint = tempfile.mkdtemp(prefix="pg-small-")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs",
+                              mountpoint], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        os.rmdir(mountpoint)
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
+    filler = os.path.join(mountpoint, "filler")
+    try:
+        owner = pwd.getpwnam(SERVER_USER) if os.geteuid() == 0 else None
+        if owner is not None:
+            os.chown(mountpoint, owner.pw_uid, owner.pw_gid)
+        with psycopg.connect(s.url, autocommit=True) as conn:
+            conn.execute(f"CREATE TABLESPACE small LOCATION '{mountpoint}'")
+            indexes = conn.execute(
+                "SELECT schemaname || '.' || indexname FROM pg_indexes"
+                " WHERE schemaname || '.' || tablename = ANY(%s)",
+                ([t if "." in t else f"public.{t}" for t in _MOVED_TABLES],),
+            ).fetchall()
+            for table in _MOVED_TABLES:
+                conn.execute(f"ALTER TABLE {table} SET TABLESPACE small")
+            for (index,) in indexes:
+                conn.execute(f"ALTER INDEX {index} SET TABLESPACE small")
+        load = Load(s.api, s.merchant.api_key, s.source, s.destination)
+        load.start()
+        try:
+            load.wait_for(201, 10, since=0.0, timeout=30)
+            stat = os.statvfs(mountpoint)
+            with open(filler, "wb") as f:
+                f.write(b"\0" * max(0, stat.f_bavail * stat.f_frsize - 16384))
+            full = time.monotonic()
+            load.wait_for(503, THREADS, since=full, timeout=60)
+            os.remove(filler)
+            freed = time.monotonic()
+            load.wait_for(201, 10, since=freed, timeout=45)
+        finally:
+            load.finish()
+        assert "No space left on device" in s.cluster.log(), "the disk never filled up"
+        _check_outcomes_and_retry(s, load)
+        print(f"disk full: {load.count(201)} x 201, {load.count(503)} x 503")
+    finally:
+        if os.path.exists(filler):
+            os.remove(filler)
+        subprocess.run(["umount", "-l", mountpoint], capture_output=True)
+        os.rmdir(mountpoint)
 
 
 def _terminate_api_sessions(url: str) -> None:
