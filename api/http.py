@@ -77,7 +77,19 @@ async def json_body(request: Request) -> dict[str, Any]:
         raise InvalidRequest(f"The body is not valid JSON: {exc.msg}.") from None
     if not isinstance(data, dict):
         raise InvalidRequest("The body must be a JSON object.")
+    if b"\\u0000" in raw and _has_nul(data):
+        raise InvalidRequest("Strings must not contain NUL characters (\\u0000).")
     return data
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
 
 
 def page(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from psycopg import AsyncConnection
 from starlette.requests import Request
 from starlette.responses import Response
@@ -13,6 +13,7 @@ from starlette.routing import Route
 from api import uow, validate
 from api.errors import Unavailable
 from api.http import json_response
+from api.metrics import exposition
 from api.openapi import document
 from ledger.service import Merchant
 
@@ -33,7 +34,10 @@ async def readyz(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    """Prometheus text: request metrics, process metrics, and the outbox backlog read now (a
+    database that does not answer sets payments_api_database_up to 0, the rest is served)."""
+    body = await exposition(getattr(request.app.state, "pool", None))
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
 async def openapi(request: Request) -> Response:

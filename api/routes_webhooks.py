@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import os
 import secrets
-from datetime import datetime
 from typing import Any
 
 from psycopg import AsyncConnection
@@ -180,9 +179,8 @@ def _delivery(row: tuple[Any, ...]) -> dict[str, Any]:
         "attempts": attempts,
         "last_status_code": code,
         "last_error": error,
-        "next_attempt_at": (
-            rfc3339(next_at) if status == "pending" and next_at != datetime.max else None
-        ),
+        # NULL while parked (endpoint disabled): there is no next attempt until it is enabled.
+        "next_attempt_at": rfc3339(next_at) if status == "pending" and next_at else None,
         "delivered_at": rfc3339(delivered_at) if delivered_at else None,
     }
 

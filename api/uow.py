@@ -35,6 +35,13 @@ def pool_of(request: Request) -> AsyncConnectionPool:
     return pool
 
 
+def _unstorable(exc: psycopg.DataError) -> InvalidRequest:
+    """Values PostgreSQL refuses (NUL characters, numbers out of range) are the client's."""
+    if isinstance(exc, errors.NumericValueOutOfRange):
+        return InvalidRequest("The amount would overflow a balance.", param="amount")
+    return InvalidRequest("The request has a value that cannot be stored (e.g. a NUL character).")
+
+
 async def authenticated(request: Request) -> Merchant:
     """Authenticate on its own, for requests that must not do anything else first (a URL check
     that resolves names) or that were refused before reaching the database."""
@@ -57,6 +64,8 @@ async def read(request: Request, handler: Handler) -> Response:
             status, payload = await handler(conn, merchant)
     except (psycopg.OperationalError, PoolTimeout) as exc:
         raise Unavailable("The database cannot be reached; retry shortly.") from exc
+    except psycopg.DataError as exc:
+        raise _unstorable(exc) from exc
     return respond(status, orjson.dumps(payload))
 
 
@@ -72,8 +81,8 @@ async def write(request: Request, body: dict[str, Any], handler: Handler) -> Res
             await asyncio.sleep(random.uniform(0, 0.005 * 2**attempt))
         except (psycopg.OperationalError, PoolTimeout) as exc:
             raise Unavailable("The database cannot be reached; retry shortly.") from exc
-        except errors.NumericValueOutOfRange as exc:
-            raise InvalidRequest("The amount would overflow a balance.", param="amount") from exc
+        except psycopg.DataError as exc:
+            raise _unstorable(exc) from exc
     raise Unavailable("The request kept conflicting with others; retry shortly.")
 
 

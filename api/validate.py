@@ -24,8 +24,21 @@ CURRENCIES = frozenset(
     UZS VES VND VUV WST XAF XCD XOF XPF YER ZAR ZMW ZWL""".split()
 )
 
-_EVENT_PATTERN = re.compile(r"^(\*|[a-z][a-z_]*(\.[a-z][a-z_]*)*(\.\*)?)$")
+EVENT_TYPES = frozenset(
+    {
+        "account.created",
+        "account.balance_changed",
+        "deposit.succeeded",
+        "payment.succeeded",
+        "payment.failed",
+        "payment.refunded",
+        "refund.succeeded",
+        "payout.paid",
+    }
+)
+EVENT_PREFIXES = frozenset(t.split(".", 1)[0] for t in EVENT_TYPES)
 MAX_METADATA_KEYS = 50
+_DIGITS = re.compile(r"^[0-9]{1,3}\Z")
 
 
 def only(body: dict[str, Any], *allowed: str) -> None:
@@ -59,7 +72,7 @@ def currency(value: Any, name: str = "currency") -> str:
 
 
 def object_id(value: Any, name: str) -> str:
-    if not isinstance(value, str) or not value or len(value) > 128:
+    if not isinstance(value, str) or not value or len(value) > 128 or "\x00" in value:
         raise InvalidRequest(f"{name} must be an id string.", param=name)
     return value
 
@@ -93,7 +106,7 @@ def event_types(value: Any, name: str = "event_types") -> list[str]:
         raise InvalidRequest(f"{name} must be a non-empty list of event type patterns.", param=name)
     out: list[str] = []
     for item in value:
-        if not isinstance(item, str) or len(item) > 100 or not _EVENT_PATTERN.match(item):
+        if not isinstance(item, str) or not _known_pattern(item):
             raise InvalidRequest(
                 f'{name} entries are "*", a prefix such as "payment.*", or an exact type.',
                 param=name,
@@ -101,6 +114,12 @@ def event_types(value: Any, name: str = "event_types") -> list[str]:
         if item not in out:
             out.append(item)
     return out
+
+
+def _known_pattern(item: str) -> bool:
+    if item == "*" or item in EVENT_TYPES:
+        return True
+    return item.endswith(".*") and item[:-2] in EVENT_PREFIXES
 
 
 def timestamp(value: Any, name: str) -> datetime:
@@ -137,7 +156,7 @@ def list_params(query: QueryParams) -> ListParams:
     raw = query.get("limit")
     limit = 10
     if raw is not None:
-        if not raw.isdigit() or not 1 <= int(raw) <= 100:
+        if not _DIGITS.match(raw) or not 1 <= int(raw) <= 100:
             raise InvalidRequest("limit must be an integer from 1 to 100.", param="limit")
         limit = int(raw)
     after = query.get("starting_after") or None
@@ -147,6 +166,6 @@ def list_params(query: QueryParams) -> ListParams:
             "Use starting_after or ending_before, not both.", param="ending_before"
         )
     for name, value in (("starting_after", after), ("ending_before", before)):
-        if value is not None and len(value) > 128:
+        if value is not None and (len(value) > 128 or "\x00" in value):
             raise InvalidRequest(f"{name} must be an id.", param=name)
     return ListParams(limit, after, before)

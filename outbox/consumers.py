@@ -44,6 +44,7 @@ WHERE consumer = %(name)s AND status = 'pending' AND next_attempt_at = 'infinity
 _EXISTS = "SELECT enabled FROM outbox.consumers WHERE name = %s"
 
 _REDRIVE = """
+WITH r AS (
 UPDATE outbox.deliveries d
 SET status = 'pending', attempts = 0, dead_since = NULL,
     next_attempt_at = CASE WHEN k.enabled THEN now() ELSE 'infinity'::timestamptz END,
@@ -52,6 +53,9 @@ FROM outbox.consumers k
 WHERE k.name = d.consumer
   AND d.consumer = %(name)s AND d.status = 'dead'
   AND (%(since)s::timestamptz IS NULL OR d.dead_since >= %(since)s::timestamptz)
+RETURNING 1
+)
+SELECT count(*) FROM r
 """
 
 
@@ -78,5 +82,8 @@ async def enable_consumer(conn: AsyncConnection, name: str) -> bool:
 async def redrive_dead(conn: AsyncConnection, name: str, since: datetime | None = None) -> int:
     """Put consumer `name`'s dead deliveries (dead since `since`, or all) back to pending with a
     fresh retry schedule; the attempt log keeps the history. Returns how many."""
+    # A count from a result row, not cur.rowcount: in pipeline mode rowcount is unknown until the
+    # pipeline syncs.
     cur = await conn.execute(_REDRIVE, {"name": name, "since": since})
-    return cur.rowcount
+    row = await cur.fetchone()
+    return int(row[0]) if row else 0
