@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ssl
 import sys
 
 import uvicorn
@@ -30,6 +31,15 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--port must be between 1 and 65535")
     if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
         parser.error("--ssl-certfile and --ssl-keyfile go together")
+    if args.ssl_certfile:
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                args.ssl_certfile, args.ssl_keyfile
+            )
+        except (OSError, ssl.SSLError) as exc:
+            # The arguments are well-formed; the files are not usable: a runtime failure.
+            sys.stderr.write(f"payments-api: error: cannot load the certificate and key: {exc}\n")
+            raise SystemExit(1) from None
     uvicorn.run(
         "api.app:create_app",
         factory=True,

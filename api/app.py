@@ -17,6 +17,7 @@ from starlette.responses import Response
 from api import routes_events, routes_ledger, routes_ops, routes_webhooks, uow
 from api.errors import LedgerError, MethodNotAllowed, NotFound, Unauthenticated, Unavailable
 from api.http import problem_response
+from api.limits import HeaderLimitMiddleware
 from api.metrics import MetricsMiddleware
 from db.settings import database_url
 
@@ -53,7 +54,9 @@ async def _ledger_error(request: Request, exc: Exception) -> Response:
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 405:
-        return problem_response(MethodNotAllowed(f"{request.method} is not allowed here."))
+        return problem_response(
+            MethodNotAllowed(f"{request.method} is not allowed here."), dict(exc.headers or {})
+        )
     if exc.status_code == 404:
         return problem_response(NotFound(f"No route {request.url.path}."))
     error = LedgerError(str(exc.detail))
@@ -92,7 +95,7 @@ def create_app(url: str | None = None, pool_size: int = 16) -> Starlette:
     return Starlette(
         routes=ROUTES,
         lifespan=lifespan,
-        middleware=[Middleware(MetricsMiddleware)],
+        middleware=[Middleware(MetricsMiddleware), Middleware(HeaderLimitMiddleware)],
         exception_handlers={
             LedgerError: _ledger_error,
             HTTPException: _http_error,

@@ -11,7 +11,12 @@ _TS: Schema = {"type": "string", "format": "date-time"}
 _AMOUNT: Schema = {"type": "integer", "minimum": 1, "maximum": 10**15}
 _CURRENCY: Schema = {"type": "string", "pattern": "^[A-Z]{3}$", "example": "USD"}
 _ID: Schema = {"type": "string", "minLength": 1, "maxLength": 128}
-_METADATA: Schema = {"type": "object", "maxProperties": 50}
+_METADATA: Schema = {
+    "type": "object",
+    "maxProperties": 50,
+    "propertyNames": {"maxLength": 40},
+    "additionalProperties": {"type": "string", "maxLength": 500},
+}
 
 
 def _ref(name: str) -> Schema:
@@ -374,7 +379,10 @@ def document() -> dict[str, Any]:
             "delete": {
                 "summary": "Delete a webhook endpoint",
                 "parameters": [_ID_PARAM, _IDEMPOTENCY],
-                "responses": {"204": {"description": "Deleted"}, **_problems(*_READ_ERRORS)},
+                "responses": {
+                    "204": {"description": "Deleted"},
+                    **_problems(*_READ_ERRORS, 409, 422),
+                },
             },
         },
         "/v1/webhook_endpoints/{id}/deliveries": {

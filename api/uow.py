@@ -81,6 +81,8 @@ async def write(request: Request, body: dict[str, Any], handler: Handler) -> Res
             await asyncio.sleep(random.uniform(0, 0.005 * 2**attempt))
         except (psycopg.OperationalError, PoolTimeout) as exc:
             raise Unavailable("The database cannot be reached; retry shortly.") from exc
+        except errors.ReadOnlySqlTransaction as exc:
+            raise Unavailable("The database is read-only right now; retry later.") from exc
         except psycopg.DataError as exc:
             raise _unstorable(exc) from exc
     raise Unavailable("The request kept conflicting with others; retry shortly.")

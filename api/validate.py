@@ -98,6 +98,15 @@ def metadata(body: dict[str, Any]) -> dict[str, Any]:
         raise InvalidRequest(
             f"metadata may have at most {MAX_METADATA_KEYS} keys.", param="metadata"
         )
+    for key, item in value.items():
+        # As Stripe: string keys and string values. Numbers would not survive a round trip
+        # through jsonb unchanged (1e20 comes back as a 21-digit integer).
+        if len(key) > 40 or not isinstance(item, str) or len(item) > 500:
+            raise InvalidRequest(
+                "metadata keys are strings of at most 40 characters and values strings of at"
+                " most 500.",
+                param="metadata",
+            )
     return value
 
 

@@ -158,10 +158,11 @@ def request_head(method: str, path: str, key: str, extra: Sequence[str] = ()) ->
 
 def account_body(size: int) -> bytes:
     """A valid POST /v1/accounts body of exactly `size` bytes."""
-    skeleton = b'{"currency":"USD","metadata":{"pad":""}}'
+    # Padded with JSON whitespace: metadata values are limited to 500 characters.
+    skeleton = b'{"currency":"USD","metadata":{"pad":"x"}}'
     pad = size - len(skeleton)
     assert pad >= 0
-    return skeleton.replace(b'""', b'"' + b"x" * pad + b'"')
+    return skeleton[:-1] + b" " * pad + b"}"
 
 
 @pytest.fixture
