@@ -81,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     failed: BaseException | None = None
     try:
         _run(run)
-    except KeyboardInterrupt:
+        if run.interrupted:
+            raise KeyboardInterrupt(run.interrupted)
+    except (KeyboardInterrupt, asyncio.CancelledError):
         print("\nbench: interrupted, cleaning up", file=sys.stderr)
         failed = KeyboardInterrupt()
     except Exception as exc:

@@ -26,6 +26,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.procs import Child
 from ledger import service
 from outbox import publish
 
@@ -229,10 +230,16 @@ def run(
             "--max-tries=10", "-l", "--log-prefix", str(Path(tmp) / "log"),
             "-f", str(path), dbname,
         ]
-        proc = subprocess.run(argv, capture_output=True, text=True, cwd=tmp, timeout=seconds + 120)
-        if proc.returncode != 0:
-            raise RuntimeError(f"pgbench failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-        out = proc.stdout
+        # A registered child, so an interrupted run stops it instead of waiting for -T.
+        child = Child("pgbench", argv, None, Path(tmp))
+        try:
+            code = child.proc.wait(timeout=seconds + 120)
+        except subprocess.TimeoutExpired:
+            code = -1
+        child.stop()
+        out = child.log_path.read_text() if child.log_path else ""
+        if code != 0:
+            raise RuntimeError(f"pgbench failed ({code}):\n{out[-3000:]}")
         latencies: list[float] = []
         for log in Path(tmp).glob("log*"):
             for line in log.read_text().splitlines():

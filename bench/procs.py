@@ -94,14 +94,27 @@ def stop_all() -> None:
             print(f"bench: could not stop {child.name}: {exc}", file=sys.stderr)
 
 
+def terminate_all() -> None:
+    """SIGTERM every child group without waiting (safe inside a signal callback): a child that
+    a worker thread waits on (pgbench, the pgqueuer peer) ends, and so does the wait."""
+    for child in list(_running):
+        if child.alive():
+            _signal_group(child.proc.pid, signal.SIGTERM)
+
+
 def _sigterm_as_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def install_handlers() -> None:
-    """SIGTERM and SIGHUP unwind like Ctrl-C, so every `finally` and `stop_all` runs."""
-    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
-    signal.signal(signal.SIGHUP, _sigterm_as_interrupt)
+    """Outside the event loop, SIGINT, SIGTERM and SIGHUP unwind like Ctrl-C, so every `finally`
+    and `stop_all` runs (SIGINT explicitly: a shell starts background jobs with it ignored).
+    Inside the loop, `run.run_all` replaces them with a handler that cancels the run."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _sigterm_as_interrupt)
     atexit.register(stop_all)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import signal
 import sys
 import time
 import uuid
@@ -28,7 +29,7 @@ from typing import Any
 import orjson
 import psycopg
 
-from bench import database, httpload, machine, pgbench
+from bench import database, httpload, machine, pgbench, procs
 from bench.procs import Child
 from bench.receiver import verify
 from bench.stack import HOST, Api, Profiler, Receiver, Relays
@@ -91,6 +92,7 @@ class Run:
     relays: Relays | None = None
     endpoint_secret: str = ""
     postmaster: int = 0
+    interrupted: str = ""
 
     def say(self, text: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
@@ -667,7 +669,25 @@ PHASES = {
 
 
 async def run_all(run: Run) -> None:
-    await setup(run)
-    for name, phase in PHASES.items():
-        if run.config.wants(name):
-            await phase(run)
+    """All phases. A stop signal cancels this task (a KeyboardInterrupt raised inside a loop
+    callback would be logged and swallowed) and terminates the children at once."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+
+    def interrupt(sig: signal.Signals) -> None:
+        run.interrupted = sig.name
+        procs.terminate_all()
+        task.cancel()
+
+    for sig in procs.STOP_SIGNALS:
+        loop.add_signal_handler(sig, interrupt, sig)
+    try:
+        await setup(run)
+        for name, phase in PHASES.items():
+            if run.config.wants(name):
+                await phase(run)
+    finally:
+        for sig in procs.STOP_SIGNALS:
+            loop.remove_signal_handler(sig)
+        procs.install_handlers()
