@@ -265,6 +265,32 @@ _MOVEMENT = _obj(
 )
 
 
+def _rotate_secret() -> dict[str, Any]:
+    op = _post(
+        "Rotate the signing secret; the old one stays valid for expires_in seconds",
+        _obj(
+            {
+                "expires_in": {
+                    "type": "integer",
+                    "minimum": 0,
+                    "maximum": 7 * 24 * 3600,
+                    "default": 24 * 3600,
+                    "description": "Seconds during which requests are signed with the old "
+                    "secret as well; 0 retires it at once.",
+                }
+            },
+            [],
+            extra=False,
+        ),
+        200,
+        _ref("WebhookEndpoint"),
+        [_ID_PARAM],
+    )
+    op["requestBody"]["required"] = False
+    op["responses"]["200"]["description"] = "The endpoint, with its new secret"
+    return op
+
+
 @cache
 def document() -> dict[str, Any]:
     paths: dict[str, Any] = {
@@ -408,6 +434,9 @@ def document() -> dict[str, Any]:
                 _obj({"requeued": {"type": "integer", "minimum": 0}}),
                 [_ID_PARAM],
             )
+        },
+        "/v1/webhook_endpoints/{id}/rotate_secret": {
+            "post": _rotate_secret(),
         },
         "/v1/reports/daily": {
             "get": _get(

@@ -1,11 +1,11 @@
 """Webhook endpoints: each one is also an outbox consumer (named by its id) that receives the
-merchant's events matching its `event_types`. The signing secret is shown only at creation."""
+merchant's events matching its `event_types`. The signing secret is shown only at creation and
+when it is rotated; a rotation keeps the old secret valid for an overlap window, during which the
+relay signs every request with both (Standard Webhooks allows several signatures)."""
 
 from __future__ import annotations
 
-import base64
 import os
-import secrets
 from typing import Any
 
 from psycopg import AsyncConnection
@@ -21,11 +21,14 @@ from ledger.ids import new_id
 from ledger.service import Merchant
 from outbox.consumers import disable_consumer, enable_consumer, redrive_dead
 from outbox.envelope import rfc3339
+from outbox.signing import new_secret
 from outbox.urlguard import UrlRefused, check_url_async
 
 Result = tuple[int, Any]
 _COLUMNS = "id, url, event_types, description, status, created_at"
 DELIVERY_STATUSES = ("pending", "delivered", "dead")
+ROTATION_OVERLAP_DEFAULT = 24 * 3600
+ROTATION_OVERLAP_MAX = 7 * 24 * 3600
 
 
 def _endpoint(row: tuple[Any, ...], secret: str | None = None) -> dict[str, Any]:
@@ -78,7 +81,7 @@ async def create_endpoint(request: Request) -> Response:
 
     async def run(conn: AsyncConnection, merchant: Merchant) -> Result:
         endpoint_id = new_id("we")
-        secret = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+        secret = new_secret()
         cur = await conn.execute(
             "INSERT INTO webhook_endpoints (id, merchant_id, url, event_types, description, secret)"
             f" VALUES (%s, %s, %s, %s, %s, %s) RETURNING {_COLUMNS}",
@@ -224,6 +227,51 @@ async def recover(request: Request) -> Response:
     return await uow.write(request, body, run)
 
 
+def _expires_in(body: dict[str, Any]) -> int:
+    value = body.get("expires_in")
+    if value is None:
+        return ROTATION_OVERLAP_DEFAULT
+    if (
+        not isinstance(value, int)
+        or isinstance(value, bool)
+        or not 0 <= value <= ROTATION_OVERLAP_MAX
+    ):
+        raise InvalidRequest(
+            f"expires_in must be an integer number of seconds from 0 to {ROTATION_OVERLAP_MAX}.",
+            param="expires_in",
+        )
+    return value
+
+
+async def rotate_secret(request: Request) -> Response:
+    endpoint_id = request.path_params["id"]
+    body = await json_body(request)
+    validate.only(body, "expires_in")
+    expires_in = _expires_in(body)
+
+    async def run(conn: AsyncConnection, merchant: Merchant) -> Result:
+        secret = new_secret()
+        # The current secret becomes the previous one (replacing any earlier previous secret),
+        # valid for `expires_in` more seconds; 0 retires it at once. In one statement, so two
+        # concurrent rotations serialise on the row and neither loses the other's secret.
+        cur = await conn.execute(
+            "UPDATE webhook_endpoints SET"
+            " previous_secret = CASE WHEN %(overlap)s > 0 THEN secret END,"
+            " previous_secret_expires_at ="
+            "   CASE WHEN %(overlap)s > 0 THEN now() + %(overlap)s * interval '1 second' END,"
+            " secret = %(secret)s"
+            f" WHERE id = %(id)s AND merchant_id = %(merchant)s RETURNING {_COLUMNS}",
+            {"overlap": expires_in, "secret": secret, "id": endpoint_id,
+             "merchant": merchant.id},
+        )
+        row = await cur.fetchone()
+        if row is None:
+            raise NotFound(f"No such webhook endpoint: {endpoint_id}", param="id")
+        return 200, _endpoint(row, secret)
+
+    return await uow.write(request, body, run)
+
+
 routes = [
     Route("/v1/webhook_endpoints", create_endpoint, methods=["POST"]),
     Route("/v1/webhook_endpoints", list_endpoints, methods=["GET"]),
@@ -232,4 +280,5 @@ routes = [
     Route("/v1/webhook_endpoints/{id}", delete_endpoint, methods=["DELETE"]),
     Route("/v1/webhook_endpoints/{id}/deliveries", list_deliveries, methods=["GET"]),
     Route("/v1/webhook_endpoints/{id}/recover", recover, methods=["POST"]),
+    Route("/v1/webhook_endpoints/{id}/rotate_secret", rotate_secret, methods=["POST"]),
 ]

@@ -198,9 +198,20 @@ webhook_endpoints = Table(
     Column("description", Text),
     Column("status", Text, nullable=False, server_default=text("'enabled'")),
     Column("secret", Text, nullable=False, comment="whsec_ signing secret."),
+    Column(
+        "previous_secret",
+        Text,
+        comment="The secret before the last rotation; requests are signed with it too until"
+        " previous_secret_expires_at.",
+    ),
+    Column("previous_secret_expires_at", TS),
     Column("disabled_reason", Text),
     Column("created_at", TS, nullable=False, server_default=NOW),
     CheckConstraint("status IN ('enabled', 'disabled')", name="status"),
+    CheckConstraint(
+        "(previous_secret IS NULL) = (previous_secret_expires_at IS NULL)",
+        name="previous_secret",
+    ),
     Index(None, "merchant_id", "id"),
 )
 

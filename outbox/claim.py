@@ -52,7 +52,8 @@ JOIN outbox.events e ON e.id = c.event_id
 LEFT JOIN public.webhook_endpoints w ON w.id = c.consumer
 WHERE d.consumer = c.consumer AND d.event_id = c.event_id
 RETURNING d.consumer, d.attempts, e.id, e.type, e.subject, e.sequence, e.time, e.data,
-          e.merchant_id, w.url, w.secret
+          e.merchant_id, w.url, w.secret,
+          CASE WHEN w.previous_secret_expires_at > now() THEN w.previous_secret END
 """
 
 _WEBHOOK_CONSUMER = """
@@ -228,6 +229,8 @@ class Claimed:
     event: Event
     url: str | None
     secret: str | None
+    previous_secret: str | None = None
+    """The secret before a rotation, while its overlap window lasts (signed with as well)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,7 +278,8 @@ async def claim_webhooks(
     )
     rows = await cur.fetchall()
     return [
-        Claimed(row[0], token, row[1], _event(row[2:9]), row[9], row[10]) for row in rows
+        Claimed(row[0], token, row[1], _event(row[2:9]), row[9], row[10], row[11])
+        for row in rows
     ]
 
 
@@ -296,7 +300,7 @@ async def claim_successors(
          "lease": lease_seconds, "token": token, "relay": relay},
     )
     return [
-        Claimed(row[0], token, row[1], _event(row[2:9]), row[9], row[10])
+        Claimed(row[0], token, row[1], _event(row[2:9]), row[9], row[10], row[11])
         for row in await cur.fetchall()
     ]
 

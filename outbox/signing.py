@@ -1,7 +1,10 @@
 """Standard Webhooks signatures (CONTRACT.md section 4).
 
 `webhook-signature: v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">`, keyed with the
-base64-decoded part of the endpoint's `whsec_` secret.
+base64-decoded part of the endpoint's `whsec_` secret. While a rotated-out secret is still valid
+the header carries one signature per secret, space-separated, the current secret's first
+(`v1,<new> v1,<old>`), as the Standard Webhooks specification allows: a receiver that verifies
+with either secret accepts the request.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import base64
 import hashlib
 import hmac
 import secrets
+from collections.abc import Sequence
 
 SECRET_PREFIX = "whsec_"
 
@@ -28,6 +32,13 @@ def sign(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
     message = f"{msg_id}.{timestamp}.".encode() + body
     digest = hmac.new(key, message, hashlib.sha256).digest()
     return "v1," + base64.b64encode(digest).decode()
+
+
+def sign_all(keys: Sequence[bytes], msg_id: str, timestamp: int, body: bytes) -> str:
+    """The `webhook-signature` header value signed with each key in turn (current key first)."""
+    if not keys:
+        raise ValueError("no signing key")
+    return " ".join(sign(key, msg_id, timestamp, body) for key in keys)
 
 
 def new_secret() -> str:

@@ -13,7 +13,7 @@ import time
 import aiohttp
 
 from outbox.claim import Claimed
-from outbox.signing import secret_key, sign
+from outbox.signing import secret_key, sign_all
 from outbox.urlguard import GuardedResolver, UrlRefused, check_address, parse_url
 from relay.retry import Attempt, parse_retry_after
 from relay.settings import Settings
@@ -71,7 +71,10 @@ class WebhookSender:
                 check_address(
                     target.literal, self._settings.allowed_networks, plain_http=target.plain_http
                 )
-            key = self._key(claimed.secret)
+            keys = [self._key(claimed.secret)]
+            if claimed.previous_secret is not None and claimed.previous_secret != claimed.secret:
+                # A rotation's overlap window: receivers still on the old secret verify too.
+                keys.append(self._key(claimed.previous_secret))
         except UrlRefused as exc:
             return Attempt(None, f"URL refused: {exc}", 0)
         except (ValueError, binascii.Error):
@@ -83,7 +86,7 @@ class WebhookSender:
             "Content-Type": CONTENT_TYPE,
             "webhook-id": claimed.event.id,
             "webhook-timestamp": str(timestamp),
-            "webhook-signature": sign(key, claimed.event.id, timestamp, body),
+            "webhook-signature": sign_all(keys, claimed.event.id, timestamp, body),
         }
         session = self._sessions[target.plain_http]
         started = time.monotonic()

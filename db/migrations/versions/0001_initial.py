@@ -266,8 +266,11 @@ def upgrade() -> None:
     sa.Column('description', sa.Text(), nullable=True),
     sa.Column('status', sa.Text(), server_default=sa.text("'enabled'"), nullable=False),
     sa.Column('secret', sa.Text(), nullable=False, comment='whsec_ signing secret.'),
+    sa.Column('previous_secret', sa.Text(), nullable=True, comment='The secret before the last rotation; requests are signed with it too until previous_secret_expires_at.'),
+    sa.Column('previous_secret_expires_at', sa.DateTime(timezone=True), nullable=True),
     sa.Column('disabled_reason', sa.Text(), nullable=True),
     sa.Column('created_at', sa.DateTime(timezone=True), server_default=sa.text('now()'), nullable=False),
+    sa.CheckConstraint('(previous_secret IS NULL) = (previous_secret_expires_at IS NULL)', name=op.f('ck_webhook_endpoints_previous_secret')),
     sa.CheckConstraint("status IN ('enabled', 'disabled')", name=op.f('ck_webhook_endpoints_status')),
     sa.ForeignKeyConstraint(['merchant_id'], ['merchants.id'], name=op.f('fk_webhook_endpoints_merchant_id_merchants')),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_webhook_endpoints'))
