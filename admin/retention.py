@@ -150,6 +150,46 @@ def purge(
     return _purge(conn_or_url, older_than, batch_size, progress)
 
 
+IDEMPOTENCY_KEY_RETENTION = timedelta(hours=24)
+
+_PURGE_IDEMPOTENCY_KEYS = """
+WITH gone AS (
+    SELECT merchant_id, key FROM idempotency_keys
+    WHERE created_at < now() - %(older_than)s::interval
+    LIMIT %(batch_size)s
+    FOR UPDATE SKIP LOCKED
+)
+DELETE FROM idempotency_keys k USING gone
+WHERE k.merchant_id = gone.merchant_id AND k.key = gone.key
+RETURNING 1
+"""
+
+
+def purge_idempotency_keys(
+    conn_or_url: psycopg.Connection | str,
+    older_than: timedelta = IDEMPOTENCY_KEY_RETENTION,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> int:
+    """Delete idempotency keys older than `older_than` (never less than 24 hours: the API
+    promises to keep them that long), in batches; returns how many."""
+    older_than = max(older_than, IDEMPOTENCY_KEY_RETENTION)
+    if isinstance(conn_or_url, str):
+        with connect(conn_or_url, "outbox-purge") as conn:
+            return _purge_keys(conn, older_than, batch_size)
+    return _purge_keys(conn_or_url, older_than, batch_size)
+
+
+def _purge_keys(conn: psycopg.Connection, older_than: timedelta, batch_size: int) -> int:
+    total = 0
+    params = {"older_than": older_than, "batch_size": batch_size}
+    while True:
+        with conn.transaction():
+            n = len(conn.execute(_PURGE_IDEMPOTENCY_KEYS, params).fetchall())
+        total += n
+        if n < batch_size:
+            return total
+
+
 def _purge(
     conn: psycopg.Connection,
     older_than: timedelta,

@@ -522,7 +522,7 @@ class Relay:
 
     async def _purger(self) -> None:
         """Retention on a timer (admin.retention.purge, in a thread with its own connection)."""
-        from admin.retention import purge
+        from admin.retention import purge, purge_idempotency_keys
 
         interval = self.settings.purge_interval.total_seconds()
         while True:
@@ -531,13 +531,14 @@ class Relay:
                 counts = await asyncio.to_thread(
                     purge, self._conninfo, self.settings.retention
                 )
+                keys = await asyncio.to_thread(purge_idempotency_keys, self._conninfo)
             except _DB_ERRORS as exc:
                 log.warning("purge failed: %s", _one(exc))
                 continue
-            if counts.total:
+            if counts.total or keys:
                 log.info(
-                    "purged %d deliveries, %d events, %d attempts",
-                    counts.deliveries, counts.events, counts.attempts,
+                    "purged %d deliveries, %d events, %d attempts, %d idempotency keys",
+                    counts.deliveries, counts.events, counts.attempts, keys,
                 )
 
     # --- shutdown -------------------------------------------------------------------------------
