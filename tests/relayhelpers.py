@@ -219,7 +219,8 @@ def check_same_bytes_on_redelivery(receipts: Sequence[Receipt]) -> None:
 
 
 class RelayProcess:
-    """`outbox-relay` in a subprocess, with its own NOTIFY_SOCKET so the test sees READY=1."""
+    """`outbox-relay` in a subprocess, with its own NOTIFY_SOCKET so the test sees READY=1.
+    `command` replaces the default `python -m relay` (e.g. the installed `outbox-relay` script)."""
 
     def __init__(
         self,
@@ -229,10 +230,12 @@ class RelayProcess:
         env: Mapping[str, str] | None = None,
         args: Sequence[str] = (),
         name: str = "relay",
+        command: Sequence[str] | None = None,
     ) -> None:
         self.db_url = db_url
         self.env = {**os.environ, **FAST_ENV, "DATABASE_URL": db_url, **(env or {})}
         self.args = list(args)
+        self.command = list(command) if command else [sys.executable, "-m", "relay"]
         self.tmp = tmp
         self.name = name
         self.proc: subprocess.Popen[bytes] | None = None
@@ -253,7 +256,7 @@ class RelayProcess:
         self.messages = []
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "relay", *self.args],
+                [*self.command, *self.args],
                 cwd=ROOT,
                 env={**self.env, "NOTIFY_SOCKET": str(sock_path)},
                 stdin=subprocess.DEVNULL,
