@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import os
 import sys
 import time
 from pathlib import Path
@@ -96,6 +97,13 @@ def main(argv: list[str] | None = None) -> int:
         database.drop_all(cfg.base_url)
     if failed is not None:
         run.notes.append(f"run incomplete: {type(failed).__name__}: {failed}")
+    ncpu = os.cpu_count() or 1
+    busy = {name: u["loadavg_1m"] for name, u in run.usage.items() if u["loadavg_1m"] > ncpu}
+    if busy:
+        run.notes.append(
+            f"the machine was busy (1-minute load average above {ncpu}) during "
+            f"{len(busy)} of {len(run.usage)} phases, up to {max(busy.values()):.1f}: "
+            "absolute figures are noisy; see usage.*")
     config = {k: (str(v) if isinstance(v, Path | frozenset) else v)
               for k, v in dataclasses.asdict(cfg).items()}
     config["wall_seconds"] = round(time.monotonic() - started, 1)

@@ -64,7 +64,7 @@ class Config:
     def make(cls, quick: bool, **overrides: Any) -> Config:
         base: dict[str, Any]
         if quick:
-            base = dict(api_seconds=12.0, warmup=3.0, wakeup_seconds=8.0, jobs=20_000,
+            base = dict(api_seconds=12.0, warmup=3.0, wakeup_seconds=8.0, jobs=50_000,
                         webhook_backlog=8_000, throughput_seconds=10.0, e2e_seconds=15.0,
                         pgqueuer_drivers=("apg",))
         else:
@@ -299,18 +299,17 @@ async def _pin_sleeper(run: Run, on: bool) -> None:
 
 
 async def _listen(url: str, stop: asyncio.Event, counter: list[int]) -> None:
-    """A LISTENer on the wake-up channel, as a sleeping relay has, consuming notifications."""
+    """A LISTENer on the wake-up channel, as a sleeping relay has, consuming notifications.
+
+    `notifies(timeout=…)` ends by itself; cancelling the generator instead (wait_for) can leave
+    the connection's lock held and hang the close."""
     from outbox.publish import WAKEUP_CHANNEL
 
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
         await conn.execute(f"LISTEN {WAKEUP_CHANNEL}")
-        gen = conn.notifies()
         while not stop.is_set():
-            try:
-                await asyncio.wait_for(anext(gen), 0.5)
+            async for _ in conn.notifies(timeout=0.5):
                 counter[0] += 1
-            except TimeoutError:
-                continue
 
 
 async def phase_wakeup(run: Run) -> None:
