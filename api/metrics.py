@@ -1,5 +1,6 @@
 """Prometheus metrics of the API: request latency and status counts per route template, and the
-outbox backlog per consumer, read from `outbox.backlog` at scrape time.
+outbox backlog per handler consumer and for all webhook endpoints together, read from
+`outbox.backlog` at scrape time.
 
 The backlog gauges carry the same names, help and labels as the relay's (relay/metrics.py), so one
 dashboard serves both endpoints. They are built for each scrape from the rows just read, so a
@@ -54,11 +55,17 @@ DATABASE_UP = (
 
 # Seconds for taking a pool connection, and again for the query itself (statement_timeout).
 BACKLOG_TIMEOUT = 2.0
-BACKLOG_SQL = """
-SELECT consumer, pending, in_flight, dead,
-       coalesce(extract(epoch FROM oldest_pending_age), 0)::float8
+# /metrics needs no key, so webhook endpoints (merchants' objects) are summed into one series,
+# consumer="webhooks"; per-endpoint series are on the relay's metrics port, which belongs on the
+# operators' network. Handler consumers are the operator's own and keep their names.
+WEBHOOKS_LABEL = "webhooks"
+BACKLOG_SQL = f"""
+SELECT CASE WHEN kind = 'webhook' THEN '{WEBHOOKS_LABEL}' ELSE consumer END,
+       sum(pending)::bigint, sum(in_flight)::bigint, sum(dead)::bigint,
+       coalesce(max(extract(epoch FROM oldest_pending_age)), 0)::float8
 FROM outbox.backlog
-ORDER BY consumer
+GROUP BY 1
+ORDER BY 1
 """
 
 BacklogRow = tuple[str, int, int, int, float]
