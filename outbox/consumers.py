@@ -15,6 +15,8 @@ from datetime import datetime
 
 from psycopg import AsyncConnection
 
+from outbox.publish import CONSUMERS_LOCK
+
 _DISABLE = """
 WITH k AS (
     UPDATE outbox.consumers SET enabled = false WHERE name = %(name)s RETURNING name
@@ -43,6 +45,13 @@ WHERE consumer = %(name)s AND status = 'pending' AND next_attempt_at = 'infinity
 
 _EXISTS = "SELECT enabled FROM outbox.consumers WHERE name = %s"
 
+# Waits for the merchant's publishers in flight (they hold the lock shared, outbox/publish.py), so
+# the next statement, with a fresh snapshot, also parks the deliveries they fanned out.
+_HOLD_PUBLISHERS = f"""
+SELECT enabled, pg_advisory_xact_lock({CONSUMERS_LOCK % 'merchant_id'})
+FROM outbox.consumers WHERE name = %s
+"""
+
 _REDRIVE = """
 WITH r AS (
 UPDATE outbox.deliveries d
@@ -62,7 +71,7 @@ SELECT count(*) FROM r
 async def disable_consumer(conn: AsyncConnection, name: str, reason: str) -> bool:
     """Disable consumer `name` (for a webhook, also its endpoint, with `reason` as
     disabled_reason) and park its pending deliveries. False when there is no such consumer."""
-    cur = await conn.execute(_EXISTS, (name,))
+    cur = await conn.execute(_HOLD_PUBLISHERS, (name,))
     if await cur.fetchone() is None:
         return False
     await conn.execute(_DISABLE, {"name": name, "reason": reason})

@@ -24,6 +24,16 @@ from outbox.envelope import NewEvent
 
 WAKEUP_CHANNEL = "outbox_wakeup"
 
+# Publishers of a merchant hold this lock shared until commit; disabling one of its consumers
+# takes it exclusively (outbox/consumers.py). The fan-out statement runs after the lock is held, so
+# it reads `enabled` afresh: a delivery never reaches a consumer that was disabled meanwhile
+# without being parked with the rest.
+CONSUMERS_LOCK = "hashtextextended('outbox.consumers:' || %s, 0)"
+_HOLD_CONSUMERS = f"""
+SELECT pg_advisory_xact_lock_shared({CONSUMERS_LOCK % 'm'})
+FROM unnest(%s::text[]) AS m ORDER BY m
+"""
+
 # One statement: take each subject's next sequence numbers (the upsert's row lock serialises a
 # subject's publishers until commit), insert the events numbered within their subject, fan out.
 _PUBLISH = f"""
@@ -65,12 +75,15 @@ SELECT (SELECT count(*) FROM fan),
 async def publish(conn: AsyncConnection, events: Sequence[NewEvent], time: datetime) -> list[str]:
     """Write `events` (in order) in the caller's transaction; returns their ids.
 
-    `time` is the moment of the change (the caller's transaction time). The statement's result is
-    not awaited, so in pipeline mode the caller's following statements (and COMMIT) go out in the
-    same round trip; an error surfaces at the next synchronisation, inside the transaction."""
+    `time` is the moment of the change (the caller's transaction time). The statements' results
+    are not awaited, so in pipeline mode the caller's following statements (and COMMIT) go out in
+    the same round trip; an error surfaces at the next synchronisation, inside the transaction."""
     if not events:
         return []
     ids = [new_id("evt") for _ in events]
+    merchants = sorted({e.merchant_id for e in events if e.merchant_id is not None})
+    if merchants:
+        await conn.execute(_HOLD_CONSUMERS, (merchants,))
     await conn.execute(
         _PUBLISH,
         (

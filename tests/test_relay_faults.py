@@ -343,11 +343,9 @@ async def test_an_event_committed_while_its_endpoint_is_disabled_is_parked_too(
     db_url: str, receiver: Receiver
 ) -> None:
     """A 410 (or the API, or the CLI) disables an endpoint while a payment is being committed.
-    The publisher read the consumer as enabled, so it fans the event out to it; the disabling
-    transaction parked the pending deliveries it could see, not the publisher's uncommitted one.
-    That delivery must not end up pending and due behind a disabled consumer: the relay never
-    claims it (the consumer is disabled), `GET …/deliveries` shows a `next_attempt_at` in the
-    past although the endpoint is disabled (documented: null), and it counts as due forever."""
+    The publisher read the consumer as enabled and fans the event out to it. Disabling waits for
+    that publisher to commit (it holds the merchant's consumers lock shared), then parks its
+    delivery with the others: never pending and due behind a disabled consumer."""
     from ledger import service
     from outbox.consumers import disable_consumer
 
@@ -357,8 +355,27 @@ async def test_an_event_committed_while_its_endpoint_is_disabled_is_parked_too(
             await psycopg.AsyncConnection.connect(db_url) as operator:
         async with publisher.transaction():
             await service.create_account(publisher, service.Merchant(merchant), "USD", {})
-            async with operator.transaction():
-                assert await disable_consumer(operator, endpoint.id, GONE_REASON)
+
+            async def disable() -> bool:
+                async with operator.transaction():
+                    return await disable_consumer(operator, endpoint.id, GONE_REASON)
+
+            # The disabling transaction waits for the publisher in flight (an advisory lock the
+            # publisher holds shared until commit) instead of missing its delivery.
+            task = asyncio.create_task(disable())
+            operator_pid = operator.info.backend_pid
+            for _ in range(400):
+                waiting = rows(
+                    db_url,
+                    "SELECT 1 FROM pg_stat_activity WHERE pid = %s AND wait_event_type = 'Lock'",
+                    (operator_pid,),
+                )
+                if waiting:
+                    break
+                await asyncio.sleep(0.025)
+            assert waiting, "disabling did not wait for the publisher in flight"
+            assert not task.done()
+        assert await asyncio.wait_for(task, 30)
     state = rows(
         db_url,
         "SELECT d.status, isfinite(d.next_attempt_at), k.enabled FROM outbox.deliveries d"
