@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -45,8 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", type=Path, metavar="DIR",
                    help="attach py-spy (must be installed) to the API workers and relays during "
                    "their phases and write folded stacks to DIR")
-    p.add_argument("--log-dir", type=Path, default=Path("bench-logs"),
-                   help="child process logs (default ./bench-logs)")
+    p.add_argument("--log-dir", type=Path, default=Path(tempfile.gettempdir()) / "payments-bench",
+                   help="child process logs (default $TMPDIR/payments-bench, outside the tree)")
     return p
 
 
