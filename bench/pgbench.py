@@ -1,7 +1,8 @@
 """The baseline for the API: `pgbench` running the payment transaction's own SQL.
 
 The script is generated from the product's statement constants (`ledger.service._LOCK_ACCOUNTS`,
-`_RECENT_PAYMENTS`, `_MOVE`, `_INSERT_PAYMENT` and `outbox.publish._PUBLISH`), verbatim, with each
+`_RECENT_PAYMENTS`, `_MOVE`, `_INSERT_PAYMENT`, `outbox.publish._HOLD_CONSUMERS` and
+`_PUBLISH`), verbatim, with each
 psycopg placeholder bound to a pgbench expression. When the product's SQL changes, the baseline
 changes with it; when a statement's parameters change, `bind` fails loudly instead of drifting.
 
@@ -136,7 +137,8 @@ def statements() -> list[str]:
             "now()",
         ],
     )
-    return [lock, recent, move, insert, events]
+    hold = bind(publish._HOLD_CONSUMERS, [f"ARRAY[{_MER}]"])
+    return [lock, recent, move, insert, hold, events]
 
 
 def api_statements() -> tuple[str, str, str]:
@@ -155,7 +157,7 @@ def api_statements() -> tuple[str, str, str]:
 
 
 def script(naccounts: int, pipelined: bool, with_api: bool = False) -> str:
-    lock, recent, move, insert, events = statements()
+    lock, recent, move, insert, hold, events = statements()
     head = [
         f"\\set s random(1, {naccounts})",
         f"\\set d 1 + (:s + random(0, {naccounts - 2})) % {naccounts}",
@@ -169,15 +171,16 @@ def script(naccounts: int, pipelined: bool, with_api: bool = False) -> str:
         body = ["\\startpipeline", "BEGIN;", f"{lookup};", "\\endpipeline",
                 f"{begin};",
                 "\\startpipeline", "SAVEPOINT s;", f"{lock};", f"{recent};", "\\endpipeline",
-                "\\startpipeline", f"{move};", f"{insert};", f"{events};", "RELEASE SAVEPOINT s;",
+                "\\startpipeline", f"{move};", f"{insert};", f"{hold};", f"{events};",
+                "RELEASE SAVEPOINT s;",
                 f"{finish};", "COMMIT;", "\\endpipeline"]
     elif pipelined:
         body = ["\\startpipeline", "BEGIN;", f"{lock};", f"{recent};", "\\endpipeline",
-                "\\startpipeline", f"{move};", f"{insert};", f"{events};", "COMMIT;",
+                "\\startpipeline", f"{move};", f"{insert};", f"{hold};", f"{events};", "COMMIT;",
                 "\\endpipeline"]
     else:
-        body = ["BEGIN;", f"{lock};", f"{recent};", f"{move};", f"{insert};", f"{events};",
-                "COMMIT;"]
+        body = ["BEGIN;", f"{lock};", f"{recent};", f"{move};", f"{insert};", f"{hold};",
+                f"{events};", "COMMIT;"]
     # pgbench reads one command per line unless it ends with ';': join each statement's lines.
     return "\n".join(head + [" ".join(line.split()) for line in body]) + "\n"
 
