@@ -12,6 +12,8 @@ goes.
 from __future__ import annotations
 
 import asyncio
+import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -167,3 +169,41 @@ def test_the_off_switch_keeps_everything(
     assert "delivered" in before.values()
     assert events_of(db_url, merchants["ok"])
     assert "purged" not in relay.log_path.read_text()
+
+
+def test_sigterm_during_a_purge_still_stops_within_the_grace(
+    db_url: str, tmp_path: Path
+) -> None:
+    """CONTRACT.md section 5: on SIGTERM the relay exits 0 within 30 s. A purge that is still
+    running must not hold the exit: here it waits on a lock (as a long purge of a big backlog
+    runs on), and the relay must be gone within OUTBOX_SHUTDOWN_GRACE and a few seconds."""
+    merchant = new_merchant(db_url)
+    relay = start_relay(db_url, tmp_path, {"OUTBOX_PURGE_INTERVAL": "1s",
+                                           "OUTBOX_RETENTION": "1s",
+                                           "OUTBOX_SHUTDOWN_GRACE": "1"})
+    locker = psycopg.connect(db_url)
+    try:
+        asyncio.run(make_traffic(db_url, [merchant], 3, clients=1))
+        wait(lambda: deliveries(db_url) != {} and
+             set(deliveries(db_url).values()) == {"delivered"}, "reports to apply everything")
+        locker.execute("LOCK TABLE outbox.attempts IN ACCESS EXCLUSIVE MODE")
+        wait(lambda: bool(rows(db_url, "SELECT pid FROM pg_stat_activity"
+                                       " WHERE application_name = 'outbox-relay'"
+                                       " AND query LIKE '%outbox.attempts%'"
+                                       " AND wait_event_type = 'Lock'")),
+             "the purge to wait on the lock", timeout=30)
+        started = time.monotonic()
+        relay.signal(signal.SIGTERM)
+        try:
+            code = relay.wait(30)
+        except subprocess.TimeoutExpired:
+            code = None
+        elapsed = time.monotonic() - started
+    finally:
+        locker.rollback()
+        locker.close()
+        relay.close()
+    assert code == 0 and elapsed < 8, (
+        f"SIGTERM during a purge: exit {code} after {elapsed:.1f} s "
+        f"(the relay waits for its purge thread to finish)\n{relay.log()}"
+    )
