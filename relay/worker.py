@@ -34,6 +34,7 @@ import psycopg
 from psycopg.conninfo import make_conninfo
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from admin.retention import PurgeCounts, purge, purge_idempotency_keys
 from outbox import claim
 from outbox.claim import Claimed, Completion
 from outbox.consumers import disable_consumer
@@ -55,8 +56,13 @@ SLEEPER_REFRESH = 60.0
 SLEEPER_STALE = 300.0
 GONE_REASON = "the endpoint answered 410 Gone"
 _DB_ERRORS = (psycopg.Error, PoolTimeout)
+PURGE_LOCK_TIMEOUT = 2  # seconds
 _GETCONN_TIMEOUT = 5.0
 _FINAL_WRITE_TIMEOUT = 4.0
+
+
+class _PurgeStopped(Exception):
+    """Raised between purge batches once the relay is stopping."""
 
 
 def relay_name() -> str:
@@ -522,16 +528,13 @@ class Relay:
 
     async def _purger(self) -> None:
         """Retention on a timer (admin.retention.purge, in a thread with its own connection)."""
-        from admin.retention import purge, purge_idempotency_keys
-
         interval = self.settings.purge_interval.total_seconds()
         while True:
             await asyncio.sleep(interval * self._rng.uniform(0.9, 1.1))
             try:
-                counts = await asyncio.to_thread(
-                    purge, self._conninfo, self.settings.retention
-                )
-                keys = await asyncio.to_thread(purge_idempotency_keys, self._conninfo)
+                counts, keys = await asyncio.to_thread(self._purge_once)
+            except _PurgeStopped:
+                return
             except _DB_ERRORS as exc:
                 log.warning("purge failed: %s", _one(exc))
                 continue
@@ -540,6 +543,22 @@ class Relay:
                     "purged %d deliveries, %d events, %d attempts, %d idempotency keys",
                     counts.deliveries, counts.events, counts.attempts, keys,
                 )
+
+    def _purge_once(self) -> tuple[PurgeCounts, int]:
+        """One purge, in a worker thread. It must never hold up a shutdown (the contract's 30 s):
+        it stops between batches once the relay is stopping, and a batch waits at most
+        PURGE_LOCK_TIMEOUT for a lock (LOCK TABLE by an operator, a long transaction)."""
+
+        def stop_between_batches(_: object = None) -> None:
+            if self._stop.is_set():
+                raise _PurgeStopped
+
+        with psycopg.connect(self._conninfo, autocommit=True) as conn:
+            conn.execute(f"SET lock_timeout = '{PURGE_LOCK_TIMEOUT}s'")
+            counts = purge(conn, self.settings.retention, progress=stop_between_batches)
+            stop_between_batches()
+            keys = purge_idempotency_keys(conn)
+        return counts, keys
 
     # --- shutdown -------------------------------------------------------------------------------
 
