@@ -20,6 +20,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from hypothesis import settings as hypothesis_settings
 from psycopg import sql
 
 # `tests.support` must import the same way under `pytest` and `python -m pytest`.
@@ -33,6 +34,12 @@ from tests.support import with_database  # noqa: E402
 from tests.support.pgcluster import PgCluster  # noqa: E402
 from tests.support.receiver import Receiver  # noqa: E402
 from tests.support.tcpproxy import TcpProxy  # noqa: E402
+
+# In CI every run has the same property-test examples (a fresh clone has no example database),
+# so a red run reproduces exactly; locally they vary from run to run and find new cases.
+hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    hypothesis_settings.load_profile("ci")
 
 DB_PREFIX = "payments_test_"
 _OWNER = f"pytest {socket.gethostname()} "

@@ -451,9 +451,11 @@ def test_idempotency_key_reused_422(db_url: str, api: Api, funded: dict[str, Any
 _JSON = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70)
     | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(alphabet=st.characters(blacklist_characters="\x00"), max_size=20),
+    # Text a JSON client can send: UTF-8 encodable (no lone surrogates), no NUL.
+    | st.text(alphabet=st.characters(codec="utf-8", exclude_characters="\x00"), max_size=20),
     lambda inner: st.lists(inner, max_size=3)
-    | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    | st.dictionaries(st.text(alphabet=st.characters(codec="utf-8"), max_size=8), inner,
+                      max_size=3),
     max_leaves=8,
 )
 _FIELDS = ["source", "destination", "account", "amount", "currency", "description",
