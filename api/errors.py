@@ -1,5 +1,5 @@
-"""API errors. Everything the client can get wrong is an `ApiError` (a `LedgerError`, so one
-handler renders both as RFC 9457 problem+json)."""
+"""API errors. Everything the client can get wrong is a `LedgerError` (the ledger's own errors
+and the HTTP layer's below), so one handler renders all of them as RFC 9457 problem+json."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from typing import Any
 from ledger.errors import InvalidRequest, LedgerError, NotFound
 
 __all__ = [
-    "ApiError",
     "IdempotencyKeyInUse",
     "IdempotencyKeyReused",
     "InvalidRequest",
@@ -21,7 +20,6 @@ __all__ = [
     "problem",
 ]
 
-ApiError = LedgerError
 PROBLEM_TYPE = "https://docs.payments.local/errors#"
 
 

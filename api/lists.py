@@ -1,15 +1,29 @@
-"""Stripe-style cursor pagination over time-ordered ids, newest first."""
+"""Reading what a response shows: one object by id (404 when it is not the merchant's), or a
+Stripe-style page over time-ordered ids, newest first."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from psycopg import AsyncConnection, sql
 from psycopg.sql import Composable
 
+from api.errors import NotFound
 from api.http import page
 from api.validate import ListParams
+
+
+async def fetch_one(
+    conn: AsyncConnection, query: str, params: Sequence[Any] | Mapping[str, Any], missing: str
+) -> tuple[Any, ...]:
+    """The first row of `query`, or NotFound(`missing`) naming the path's id: another
+    merchant's object answers exactly like one that does not exist."""
+    cur = await conn.execute(query, params)
+    row = await cur.fetchone()
+    if row is None:
+        raise NotFound(missing, param="id")
+    return tuple(row)
 
 
 async def fetch_page(

@@ -10,8 +10,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from api import uow, validate
-from api.errors import InvalidRequest, NotFound
-from api.lists import fetch_page
+from api.errors import InvalidRequest
+from api.lists import fetch_one, fetch_page
 from ledger.service import Merchant
 from outbox.envelope import Event
 
@@ -27,13 +27,12 @@ async def get_event(request: Request) -> Response:
     event_id = request.path_params["id"]
 
     async def run(conn: AsyncConnection, merchant: Merchant) -> Result:
-        cur = await conn.execute(
+        row = await fetch_one(
+            conn,
             f"SELECT {_COLUMNS} FROM outbox.events WHERE id = %s AND merchant_id = %s",
             (event_id, merchant.id),
+            f"No such event: {event_id}",
         )
-        row = await cur.fetchone()
-        if row is None:
-            raise NotFound(f"No such event: {event_id}", param="id")
         return 200, _event(row)
 
     return await uow.read(request, run)

@@ -11,9 +11,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from api import uow, validate
-from api.errors import NotFound, problem
+from api.errors import problem
 from api.http import json_body
-from api.lists import fetch_page
+from api.lists import fetch_one, fetch_page
 from ledger import objects, service
 from ledger.service import Merchant
 
@@ -57,14 +57,13 @@ async def get_account(request: Request) -> Response:
     account_id = request.path_params["id"]
 
     async def run(conn: AsyncConnection, merchant: Merchant) -> Result:
-        cur = await conn.execute(
+        row = await fetch_one(
+            conn,
             f"SELECT {_ACCOUNT_COLUMNS} FROM accounts"
             " WHERE id = %s AND merchant_id = %s AND kind = 'customer'",
             (account_id, merchant.id),
+            f"No such account: {account_id}",
         )
-        row = await cur.fetchone()
-        if row is None:
-            raise NotFound(f"No such account: {account_id}", param="id")
         return 200, _account(row)
 
     return await uow.read(request, run)
@@ -91,12 +90,12 @@ async def list_entries(request: Request) -> Response:
     lp = validate.list_params(request.query_params)
 
     async def run(conn: AsyncConnection, merchant: Merchant) -> Result:
-        cur = await conn.execute(
+        await fetch_one(
+            conn,
             "SELECT 1 FROM accounts WHERE id = %s AND merchant_id = %s AND kind = 'customer'",
             (account_id, merchant.id),
+            f"No such account: {account_id}",
         )
-        if await cur.fetchone() is None:
-            raise NotFound(f"No such account: {account_id}", param="id")
         return 200, await fetch_page(
             conn,
             "SELECT id, account_id, amount, balance_after, currency, ref, created_at"
@@ -166,13 +165,12 @@ async def get_payment(request: Request) -> Response:
     payment_id = request.path_params["id"]
 
     async def run(conn: AsyncConnection, merchant: Merchant) -> Result:
-        cur = await conn.execute(
+        row = await fetch_one(
+            conn,
             f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE id = %s AND merchant_id = %s",
             (payment_id, merchant.id),
+            f"No such payment: {payment_id}",
         )
-        row = await cur.fetchone()
-        if row is None:
-            raise NotFound(f"No such payment: {payment_id}", param="id")
         return 200, _payment(row)
 
     return await uow.read(request, run)

@@ -14,9 +14,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from api import uow, validate
-from api.errors import InvalidRequest, NotFound
+from api.errors import InvalidRequest
 from api.http import json_body
-from api.lists import fetch_page
+from api.lists import fetch_one, fetch_page
 from ledger.ids import new_id
 from ledger.service import Merchant
 from outbox.consumers import disable_consumer, enable_consumer, redrive_dead
@@ -61,14 +61,12 @@ async def _check_url(value: Any) -> str:
 
 
 async def _owned(conn: AsyncConnection, merchant: Merchant, endpoint_id: str) -> tuple[Any, ...]:
-    cur = await conn.execute(
+    return await fetch_one(
+        conn,
         f"SELECT {_COLUMNS} FROM webhook_endpoints WHERE id = %s AND merchant_id = %s",
         (endpoint_id, merchant.id),
+        f"No such webhook endpoint: {endpoint_id}",
     )
-    row = await cur.fetchone()
-    if row is None:
-        raise NotFound(f"No such webhook endpoint: {endpoint_id}", param="id")
-    return row
 
 
 async def create_endpoint(request: Request) -> Response:
@@ -254,7 +252,8 @@ async def rotate_secret(request: Request) -> Response:
         # The current secret becomes the previous one (replacing any earlier previous secret),
         # valid for `expires_in` more seconds; 0 retires it at once. In one statement, so two
         # concurrent rotations serialise on the row and neither loses the other's secret.
-        cur = await conn.execute(
+        row = await fetch_one(
+            conn,
             "UPDATE webhook_endpoints SET"
             " previous_secret = CASE WHEN %(overlap)s > 0 THEN secret END,"
             " previous_secret_expires_at ="
@@ -263,10 +262,8 @@ async def rotate_secret(request: Request) -> Response:
             f" WHERE id = %(id)s AND merchant_id = %(merchant)s RETURNING {_COLUMNS}",
             {"overlap": expires_in, "secret": secret, "id": endpoint_id,
              "merchant": merchant.id},
+            f"No such webhook endpoint: {endpoint_id}",
         )
-        row = await cur.fetchone()
-        if row is None:
-            raise NotFound(f"No such webhook endpoint: {endpoint_id}", param="id")
         return 200, _endpoint(row, secret)
 
     return await uow.write(request, body, run)

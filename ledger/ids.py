@@ -16,8 +16,6 @@ _lock = threading.Lock()
 _last_ms = 0
 _last_rand = 0
 
-PREFIXES = ("mer", "acct", "dep", "pay", "re", "po", "evt", "we", "ent", "key")
-
 
 def _encode(value: int, length: int) -> str:
     out = []
@@ -39,6 +37,3 @@ def new_id(prefix: str) -> str:
         _last_ms, _last_rand = ms, rand
     return f"{prefix}_{_encode(ms, 10)}{_encode(rand, 16)}"
 
-
-def has_prefix(value: str, prefix: str) -> bool:
-    return value.startswith(prefix + "_") and 0 < len(value) - len(prefix) - 1 <= 64
