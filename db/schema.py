@@ -319,7 +319,12 @@ deliveries = Table(
            comment="When the event was published."),
     PrimaryKeyConstraint("consumer", "event_id"),
     CheckConstraint("status IN ('pending', 'delivered', 'dead')", name="status"),
-    Index("ix_deliveries_claim", "next_attempt_at", postgresql_where=text("status = 'pending'")),
+    Index(
+        "ix_deliveries_claim",
+        "consumer",
+        "next_attempt_at",
+        postgresql_where=text("status = 'pending'"),
+    ),
     Index(
         "ix_deliveries_subject_pending",
         "consumer",

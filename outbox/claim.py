@@ -21,7 +21,7 @@ deliveries are claimed inside the transaction that applies them (`claim_for_hand
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -31,8 +31,9 @@ from outbox.envelope import Event
 
 Outcome = Literal["delivered", "retry", "dead", "park"]
 
-# The claimable predicate, shared by both claims. It must keep `status = 'pending'` and
-# `next_attempt_at <= now()` as plain conjuncts, so ix_deliveries_claim serves it.
+# The claimable predicate, shared by the claims. It must keep `status = 'pending'` and
+# `next_attempt_at <= now()` as plain conjuncts next to `consumer = ...`, so ix_deliveries_claim
+# (consumer, next_attempt_at) WHERE pending serves it.
 _CLAIMABLE = """
       d.status = 'pending'
   AND d.next_attempt_at <= now()
@@ -62,16 +63,28 @@ _WEBHOOK_CONSUMER = """
         WHERE k.name = d.consumer AND k.kind = 'webhook' AND k.enabled)
 """
 
+# Each enabled webhook consumer is claimed on its own, through ix_deliveries_claim (consumer,
+# next_attempt_at), up to the room it has left in this relay (`rooms`, default `share`): a
+# consumer at its share costs one index probe instead of a walk past its whole backlog, and a claim
+# never takes more than the relay keeps. The oldest due deliveries across consumers win the
+# overall `limit`.
 CLAIM_WEBHOOKS = f"""
 WITH c AS (
-    SELECT d.consumer, d.event_id
-    FROM outbox.deliveries d
-    WHERE {_CLAIMABLE}
-      AND d.consumer <> ALL(%(busy)s::text[])
-      {_WEBHOOK_CONSUMER}
-    ORDER BY d.next_attempt_at
+    SELECT x.consumer, x.event_id
+    FROM outbox.consumers k
+    LEFT JOIN unnest(%(consumers)s::text[], %(rooms)s::int[]) AS r(consumer, room)
+      ON r.consumer = k.name
+    CROSS JOIN LATERAL (
+        SELECT d.consumer, d.event_id, d.next_attempt_at
+        FROM outbox.deliveries d
+        WHERE d.consumer = k.name AND {_CLAIMABLE}
+        ORDER BY d.next_attempt_at
+        LIMIT least(coalesce(r.room, %(share)s), %(limit)s)
+        FOR UPDATE OF d SKIP LOCKED
+    ) x
+    WHERE k.kind = 'webhook' AND k.enabled AND coalesce(r.room, %(share)s) > 0
+    ORDER BY x.next_attempt_at
     LIMIT %(limit)s
-    FOR UPDATE OF d SKIP LOCKED
 )
 {_LEASE_AND_RETURN}"""
 
@@ -134,8 +147,9 @@ WHERE consumer = %(consumer)s AND event_id = %(event_id)s AND status = 'pending'
 """
 
 # One statement for a batch of webhook results: the attempt log for every result, and the state
-# change for those whose lease is still ours. A retry of a consumer that was disabled meanwhile
-# stays parked ('infinity') instead of being scheduled.
+# change for those whose lease is still ours, each with whether a later delivery of its subject
+# waits (in the statement's snapshot), which the relay then claims at once. A retry of a consumer
+# that was disabled meanwhile stays parked ('infinity') instead of being scheduled.
 COMPLETE_WEBHOOKS = """
 WITH r AS (
     SELECT * FROM unnest(%(consumers)s::text[], %(event_ids)s::text[], %(tokens)s::uuid[],
@@ -164,7 +178,10 @@ SET attempts = d.attempts + 1,
     last_error = r.error
 FROM r JOIN outbox.consumers k ON k.name = r.consumer
 WHERE d.consumer = r.consumer AND d.event_id = r.event_id AND d.lease_token = r.token
-RETURNING d.consumer, d.event_id
+RETURNING d.consumer, d.event_id,
+          EXISTS (SELECT 1 FROM outbox.deliveries n
+                  WHERE n.consumer = d.consumer AND n.subject = d.subject
+                    AND n.status = 'pending' AND n.sequence > d.sequence)
 """
 
 # Gives back leases without an attempt: due again at once (unless parked meanwhile).
@@ -180,9 +197,15 @@ WHERE d.consumer = r.consumer AND d.event_id = r.event_id AND d.lease_token = r.
   AND d.status = 'pending'
 """
 
+# One index probe per consumer (ix_deliveries_claim leads with the consumer).
 NEXT_DUE = """
-SELECT extract(epoch FROM min(next_attempt_at) - now())::float8 FROM outbox.deliveries
-WHERE status = 'pending' AND next_attempt_at > now() AND next_attempt_at < 'infinity'
+SELECT extract(epoch FROM min(x.at) - now())::float8
+FROM outbox.consumers k CROSS JOIN LATERAL (
+    SELECT d.next_attempt_at AS at FROM outbox.deliveries d
+    WHERE d.consumer = k.name AND d.status = 'pending'
+      AND d.next_attempt_at > now() AND d.next_attempt_at < 'infinity'
+    ORDER BY d.next_attempt_at LIMIT 1
+) x
 """
 
 # A relay about to sleep says so; publishers send NOTIFY only while such a row exists. Rows of
@@ -265,16 +288,20 @@ async def claim_webhooks(
     limit: int,
     lease_seconds: float,
     relay: str,
-    busy: Sequence[str] = (),
+    share: int | None = None,
+    rooms: Mapping[str, int] | None = None,
 ) -> list[Claimed]:
-    """Claim up to `limit` due webhook deliveries (skipping consumers in `busy`) and commit.
+    """Claim up to `limit` due webhook deliveries and commit: at most `rooms[consumer]` of a
+    consumer listed there, at most `share` (default `limit`) of any other.
 
     `conn` must be in autocommit mode: the claim is its own transaction."""
     token = uuid.uuid4()
+    rooms = rooms or {}
     cur = await conn.execute(
         CLAIM_WEBHOOKS,
-        {"busy": list(busy), "limit": limit, "lease": lease_seconds, "token": token,
-         "relay": relay},
+        {"consumers": list(rooms), "rooms": list(rooms.values()),
+         "share": limit if share is None else share, "limit": limit, "lease": lease_seconds,
+         "token": token, "relay": relay},
     )
     rows = await cur.fetchall()
     return [
@@ -307,13 +334,14 @@ async def claim_successors(
 
 async def complete_webhooks(
     conn: AsyncConnection, results: Sequence[Completion]
-) -> set[tuple[str, str]]:
+) -> dict[tuple[str, str], bool]:
     """Write a batch of attempt results in the caller's transaction.
 
-    Returns the (consumer, event_id) pairs whose lease was still ours (the rest were only logged).
+    Returns the (consumer, event_id) pairs whose lease was still ours (the rest were only logged),
+    each mapped to whether a later delivery of its subject is pending.
     """
     if not results:
-        return set()
+        return {}
     cur = await conn.execute(
         COMPLETE_WEBHOOKS,
         {
@@ -327,7 +355,7 @@ async def complete_webhooks(
             "latencies": [r.latency_ms for r in results],
         },
     )
-    return {(c, e) for c, e in await cur.fetchall()}
+    return {(c, e): later for c, e, later in await cur.fetchall()}
 
 
 async def release(conn: AsyncConnection, claimed: Sequence[Claimed]) -> int:

@@ -12,7 +12,8 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
 
 from relay import logs
 from relay.settings import Settings, SettingsError
@@ -58,10 +59,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(2)
     logs.setup(settings.log_format)
     try:
-        code = asyncio.run(_run(settings))
+        code = _loop_runner()(_run(settings))
     except KeyboardInterrupt:
         code = 130
     sys.exit(code)
+
+
+def _loop_runner() -> Callable[[Coroutine[Any, Any, int]], int]:
+    """uvloop where it is installed (it comes with uvicorn[standard]): the relay is one event loop
+    that spends its time in socket callbacks, and uvloop's run them at about half the cost."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run
+    return uvloop.run
 
 
 async def _run(settings: Settings) -> int:

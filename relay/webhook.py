@@ -14,13 +14,14 @@ import aiohttp
 
 from outbox.claim import Claimed
 from outbox.signing import secret_key, sign_all
-from outbox.urlguard import GuardedResolver, UrlRefused, check_address, parse_url
+from outbox.urlguard import GuardedResolver, Target, UrlRefused, check_address, parse_url
 from relay.retry import Attempt, parse_retry_after
 from relay.settings import Settings
 
 CONTENT_TYPE = "application/cloudevents+json"
 USER_AGENT = "payments-outbox-relay/1"
 _READ_LIMIT = 64 * 1024
+_REMEMBERED_URLS = 10_000
 
 
 class WebhookSender:
@@ -30,6 +31,7 @@ class WebhookSender:
         self._settings = settings
         self._sessions: dict[bool, aiohttp.ClientSession] = {}
         self._keys: dict[str, bytes] = {}
+        self._targets: dict[str, Target | str] = {}  # a URL's target, or why it is refused
 
     async def __aenter__(self) -> WebhookSender:
         timeout = aiohttp.ClientTimeout(total=self._settings.http_timeout)
@@ -61,16 +63,30 @@ class WebhookSender:
             key = self._keys[secret] = secret_key(secret)
         return key
 
+    def _target(self, url: str) -> Target:
+        """The URL's static checks, remembered per URL (they depend on nothing else)."""
+        target = self._targets.get(url)
+        if target is None:
+            try:
+                target = parse_url(url)
+                if target.literal is not None:
+                    # aiohttp does not ask the resolver about literal addresses.
+                    check_address(target.literal, self._settings.allowed_networks,
+                                  plain_http=target.plain_http)
+            except UrlRefused as exc:
+                target = str(exc)
+            if len(self._targets) >= _REMEMBERED_URLS:
+                self._targets.clear()
+            self._targets[url] = target
+        if isinstance(target, str):
+            raise UrlRefused(target)
+        return target
+
     async def send(self, claimed: Claimed) -> Attempt:
         if claimed.url is None or claimed.secret is None:
             return Attempt(None, "the webhook endpoint no longer exists", 0)
         try:
-            target = parse_url(claimed.url)
-            if target.literal is not None:
-                # aiohttp does not ask the resolver about literal addresses.
-                check_address(
-                    target.literal, self._settings.allowed_networks, plain_http=target.plain_http
-                )
+            target = self._target(claimed.url)
             keys = [self._key(claimed.secret)]
             if claimed.previous_secret is not None and claimed.previous_secret != claimed.secret:
                 # A rotation's overlap window: receivers still on the old secret verify too.

@@ -26,7 +26,8 @@ import os
 import random
 import socket
 import time
-from collections import Counter
+import weakref
+from collections import Counter, deque
 from collections.abc import Coroutine, Mapping
 from typing import Any
 
@@ -50,6 +51,9 @@ from relay.webhook import WebhookSender
 log = logging.getLogger("relay")
 
 MIN_WAIT = 0.05
+READY_FRESH_FOR = 2.0
+READY_DEPTH = 4
+CHECK_IDLE_AFTER = 1.0
 MAX_WAIT = 1.0
 MONITOR_INTERVAL = 5.0
 SLEEPER_REFRESH = 60.0
@@ -103,6 +107,27 @@ class Relay:
         self._per_consumer: Counter[str] = Counter()
         # A consumer's share of the slots: one slow endpoint leaves the rest to the others.
         self._consumer_limit = max(1, settings.concurrency // 2)
+        # Claimed deliveries waiting for a slot, per consumer (at most a share each), with when
+        # they were claimed: a finished delivery starts the next one without a database round
+        # trip, and the claims that refill this come in batches.
+        self._ready: dict[str, deque[tuple[float, Claimed]]] = {}
+        self._buffered = 0
+        # What a relay holds (in flight plus waiting): READY_DEPTH times the slots, and as much
+        # per consumer for its share. Claims wait until this many places are free (a consumer:
+        # this much room), so each claim (a transaction, a WAL flush) brings a batch.
+        self._consumer_hold = READY_DEPTH * self._consumer_limit
+        self._hold_limit = READY_DEPTH * settings.concurrency
+        self._min_claim = max(1, self._consumer_limit // 2)
+        # A claimed delivery that waited longer than this for a slot goes back (released), so an
+        # endpoint disabled meanwhile gets at most a few seconds' worth of buffered attempts.
+        self._fresh_for = max(0.5, min(READY_FRESH_FOR, settings.lease_seconds
+                                       - settings.http_timeout - 1))
+        self._to_release: list[Claimed] = []
+        self._returned_at: weakref.WeakKeyDictionary[psycopg.AsyncConnection[Any], float] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._handlers_polled = 0.0
+        self._handlers_busy = True
         self._results: list[Completion] = []
         self._results_ready = asyncio.Event()
         self._draining = False
@@ -135,7 +160,8 @@ class Relay:
             max_size=4,
             kwargs={"autocommit": True},
             open=False,
-            check=AsyncConnectionPool.check_connection,
+            check=self._check_connection,
+            reset=self._returned,
             reconnect_timeout=365 * 86400.0,
             name="outbox-relay",
         )
@@ -165,6 +191,18 @@ class Relay:
             return 1
         log.info("relay stopped", extra={"relay": self.name})
         return 0
+
+    async def _check_connection(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """The pool's check on checkout: a round trip only for a connection that sat unused for
+        a while (one whose server went away then fails here and is replaced). A connection that
+        came back moments ago is handed out as it is: the loops check one out several times per
+        delivery batch, and a failure there is retried like any other database error."""
+        returned = self._returned_at.get(conn)
+        if returned is None or time.monotonic() - returned > CHECK_IDLE_AFTER or conn.broken:
+            await AsyncConnectionPool.check_connection(conn)
+
+    async def _returned(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        self._returned_at[conn] = time.monotonic()
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         task = asyncio.create_task(coro, name=name)
@@ -236,24 +274,43 @@ class Relay:
     async def _step(self) -> tuple[bool, bool, bool]:
         """One turn: (did work, may have more right now, waiting on busy slots)."""
         progressed = more = blocked = False
-        for name, handler in self._handlers.items():
-            n = await self._run_handler(name, handler)
-            progressed = progressed or n > 0
-            more = more or n >= self.settings.batch_size
-        free = self.settings.concurrency - len(self._inflight)
-        if free <= 0:
+        now = time.monotonic()
+        # Handler consumers are polled on every turn while they have work, else at most every
+        # MIN_WAIT: finished webhook deliveries turn the loop far more often than that.
+        if self._handlers_busy or now - self._handlers_polled >= MIN_WAIT:
+            self._handlers_polled = now
+            self._handlers_busy = False
+            for name, handler in self._handlers.items():
+                n = await self._run_handler(name, handler)
+                progressed = progressed or n > 0
+                self._handlers_busy = self._handlers_busy or n >= self.settings.batch_size
+            more = self._handlers_busy
+        held = len(self._inflight) + self._buffered
+        free = self._hold_limit - held
+        if free < self._min_claim and held:
             return progressed, more, True
-        busy = [c for c, n in self._per_consumer.items() if n >= self._consumer_limit]
+        rooms = self._rooms()
         limit = min(free, self.settings.batch_size)
-        claimed = await self._claim(limit, busy)
+        claimed = await self._claim(limit, rooms)
         if claimed:
             progressed = True
             more = more or len(claimed) >= limit
-        elif busy:
+        elif rooms:
             blocked = True
         return progressed, more, blocked
 
-    async def _claim(self, limit: int, busy: list[str]) -> list[Claimed]:
+    def _rooms(self) -> dict[str, int]:
+        """What each consumer with deliveries held here (in flight or waiting) may still claim,
+        up to `_consumer_hold`. Room below `_min_claim` counts as none, so claims come in batches
+        rather than one per finished delivery. Consumers not listed may claim all of it."""
+        rooms: dict[str, int] = {}
+        for consumer in {*self._per_consumer, *self._ready}:
+            held = self._per_consumer[consumer] + len(self._ready.get(consumer, ()))
+            room = self._consumer_hold - held
+            rooms[consumer] = room if room >= self._min_claim else 0
+        return rooms
+
+    async def _claim(self, limit: int, rooms: dict[str, int]) -> list[Claimed]:
         assert self._pool is not None
         async with self._pool.connection(timeout=_GETCONN_TIMEOUT) as conn:
             claimed = await claim.claim_webhooks(
@@ -261,29 +318,58 @@ class Relay:
                 limit=limit,
                 lease_seconds=self.settings.lease_seconds,
                 relay=self.name,
-                busy=busy,
+                share=self._consumer_hold,
+                rooms=rooms,
             )
-            keep, excess = self._share(claimed)
-            # Start what we keep before giving back the rest: if the release fails, only the
-            # excess waits for its lease to run out.
-            for item in keep:
-                self._dispatch(item)
-            if excess:
-                await claim.release(conn, excess)
-        return keep
+        self._hold(claimed)
+        return claimed
 
-    def _share(self, claimed: list[Claimed]) -> tuple[list[Claimed], list[Claimed]]:
-        """Split a claim into what fits each consumer's share and what goes back."""
-        counts = Counter(self._per_consumer)
-        keep: list[Claimed] = []
-        excess: list[Claimed] = []
+    def _hold(self, claimed: list[Claimed]) -> None:
+        """Queue claimed deliveries for their consumer's slots and start what fits."""
+        now = time.monotonic()
         for item in claimed:
-            if counts[item.consumer] >= self._consumer_limit:
-                excess.append(item)
-            else:
-                counts[item.consumer] += 1
-                keep.append(item)
-        return keep, excess
+            self._ready.setdefault(item.consumer, deque()).append((now, item))
+        self._buffered += len(claimed)
+        self._start_ready()
+
+    def _start_ready(self) -> None:
+        """Start waiting deliveries while there are free slots, one consumer after another,
+        each within its share. Deliveries that waited too long go back to the queue."""
+        if self._stop.is_set():
+            return
+        now = time.monotonic()
+        stale: list[Claimed] = []
+        started = True
+        while started and self._ready and len(self._inflight) < self.settings.concurrency:
+            started = False
+            for consumer in list(self._ready):
+                if len(self._inflight) >= self.settings.concurrency:
+                    break
+                if self._per_consumer[consumer] >= self._consumer_limit:
+                    continue
+                waiting = self._ready[consumer]
+                claimed_at, item = waiting.popleft()
+                if not waiting:
+                    del self._ready[consumer]
+                self._buffered -= 1
+                started = True
+                if now - claimed_at > self._fresh_for:
+                    stale.append(item)
+                else:
+                    self._dispatch(item)
+        if stale:
+            self._give_back(stale)
+
+    def _drop_ready(self, consumer: str) -> None:
+        """Give back the deliveries of `consumer` waiting here (it was disabled)."""
+        waiting = self._ready.pop(consumer, None)
+        if waiting:
+            self._buffered -= len(waiting)
+            self._give_back([item for _, item in waiting])
+
+    def _give_back(self, items: list[Claimed]) -> None:
+        self._to_release.extend(items)
+        self._results_ready.set()
 
     # --- handler consumers ----------------------------------------------------------------------
 
@@ -364,6 +450,7 @@ class Relay:
         if not task.cancelled() and task.exception() is not None:
             log.error("delivery task failed", exc_info=task.exception(),
                       extra={"event": item.event.id, "consumer": item.consumer})
+        self._start_ready()
         self._kick.set()
 
     async def _deliver(self, item: Claimed) -> None:
@@ -397,6 +484,7 @@ class Relay:
             log.warning("attempt failed, retries exhausted: dead", extra=fields)
         else:
             log.warning("endpoint gone (410): disabling it", extra=fields)
+            self._drop_ready(item.consumer)
         self._results.append(
             Completion(item, outcome, delay, attempt.status_code, attempt.error,
                        attempt.latency_ms)
@@ -408,11 +496,14 @@ class Relay:
         assert self._pool is not None
         backoff = 0.1
         while True:
+            if self._to_release:
+                await self._release_given_back()
             if not self._results:
                 if self._draining:
                     return
                 self._results_ready.clear()
-                await self._results_ready.wait()
+                if not self._to_release:
+                    await self._results_ready.wait()
                 continue
             batch = self._results[:1000]
             try:
@@ -439,18 +530,35 @@ class Relay:
             await self._claim_successors(batch, done)
             self._kick.set()
 
-    async def _claim_successors(self, batch: list[Completion], done: set[tuple[str, str]]) -> None:
+    async def _release_given_back(self) -> None:
+        """Release deliveries that went back from the waiting queue; on failure their leases
+        simply run out."""
+        assert self._pool is not None
+        items, self._to_release = self._to_release, []
+        try:
+            async with self._pool.connection(timeout=_GETCONN_TIMEOUT) as conn:
+                await claim.release(conn, items)
+        except _DB_ERRORS as exc:
+            log.warning("cannot release %d leases (they expire on their own): %s",
+                        len(items), _one(exc))
+        self._kick.set()
+
+    async def _claim_successors(
+        self, batch: list[Completion], done: dict[tuple[str, str], bool]
+    ) -> None:
         if self._stop.is_set():
             return
         assert self._pool is not None
         counts = Counter(self._per_consumer)
-        free = self.settings.concurrency - len(self._inflight)
+        for consumer, waiting in self._ready.items():
+            counts[consumer] += len(waiting)
+        free = self._hold_limit - len(self._inflight) - self._buffered
         wanted: list[tuple[str, str]] = []
         for r in batch:
             key = (r.claimed.consumer, r.claimed.event.id)
-            if r.outcome not in ("delivered", "dead") or key not in done:
+            if r.outcome not in ("delivered", "dead") or not done.get(key):
                 continue
-            if len(wanted) >= free or counts[r.claimed.consumer] >= self._consumer_limit:
+            if len(wanted) >= free or counts[r.claimed.consumer] >= self._consumer_hold:
                 continue
             counts[r.claimed.consumer] += 1
             wanted.append((r.claimed.consumer, r.claimed.event.subject))
@@ -464,8 +572,7 @@ class Relay:
         except _DB_ERRORS as exc:
             log.warning("cannot claim successors: %s", _one(exc))
             return
-        for item in claimed:
-            self._dispatch(item)
+        self._hold(claimed)
 
     # --- waking and sleeping --------------------------------------------------------------------
 
@@ -564,7 +671,11 @@ class Relay:
 
     async def _shutdown(self, side: list[asyncio.Task[None]]) -> None:
         """Let in-flight deliveries finish within the grace period, write their results, give
-        back the leases of the rest, and leave outbox.sleepers."""
+        back the leases of the rest (and of the deliveries still waiting for a slot), and leave
+        outbox.sleepers."""
+        waiting = [item for queue in self._ready.values() for _, item in queue]
+        self._ready.clear()
+        self._buffered = 0
         tasks = list(self._inflight)
         if tasks:
             log.info("waiting for %d deliveries in flight", len(tasks))
@@ -585,6 +696,7 @@ class Relay:
                 log.warning("could not write all results before exiting")
         # Results never written go back too: their attempt is repeated by whoever claims next.
         unfinished += [r.claimed for r in self._results]
+        unfinished += waiting + self._to_release
         assert self._pool is not None
         try:
             async with asyncio.timeout(_FINAL_WRITE_TIMEOUT):

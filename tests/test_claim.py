@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
@@ -76,7 +77,7 @@ async def test_only_the_oldest_pending_of_a_subject_is_claimable(
         done = await claim.complete_webhooks(
             auto, [_result(c, "delivered", code=204) for c in first if c.event.id == "evt_a1"]
         )
-    assert done == {(WEBHOOK, "evt_a1")}
+    assert done == {(WEBHOOK, "evt_a1"): True}  # evt_a2 waits behind it
     assert [c.event.id for c in await _claim(auto)] == ["evt_a2"]
 
 
@@ -104,10 +105,10 @@ async def test_an_expired_lease_is_claimed_again_and_the_old_token_is_refused(
     [new] = await _claim(auto)
     assert new.token != old.token
     async with auto.transaction():
-        assert await claim.complete_webhooks(auto, [_result(old, "delivered", code=204)]) == set()
+        assert await claim.complete_webhooks(auto, [_result(old, "delivered", code=204)]) == {}
     async with auto.transaction():
         assert await claim.complete_webhooks(auto, [_result(new, "delivered", code=204)]) == {
-            (WEBHOOK, "evt_a1")
+            (WEBHOOK, "evt_a1"): False
         }
     cur = await auto.execute("SELECT count(*) FROM outbox.attempts")
     assert await cur.fetchone() == (2,)  # both attempts are in the log
@@ -169,9 +170,26 @@ async def test_redrive_puts_dead_back_with_a_fresh_schedule(
 async def test_busy_consumers_are_skipped(db_url: str, auto: AsyncConnection) -> None:
     _seed(db_url, [("evt_a1", "a", 1)], consumers=(WEBHOOK, "we_other"))
     claimed = await claim.claim_webhooks(
-        auto, limit=10, lease_seconds=60, relay="t", busy=[WEBHOOK]
+        auto, limit=10, lease_seconds=60, relay="t", rooms={WEBHOOK: 0}
     )
     assert [c.consumer for c in claimed] == ["we_other"]
+
+
+async def test_a_claim_takes_no_more_than_each_consumer_has_room_for(
+    db_url: str, auto: AsyncConnection
+) -> None:
+    """Per consumer: its room when listed, else the share; overall: the limit, oldest first."""
+    _seed(db_url, [(f"evt_{s}1", s, 1) for s in "abcdefgh"], consumers=(WEBHOOK, "we_other"))
+    claimed = await claim.claim_webhooks(
+        auto, limit=5, lease_seconds=60, relay="t", share=3, rooms={WEBHOOK: 1}
+    )
+    assert Counter(c.consumer for c in claimed) == {WEBHOOK: 1, "we_other": 3}
+    claimed = await claim.claim_webhooks(auto, limit=4, lease_seconds=60, relay="t", share=8)
+    assert len(claimed) == 4
+    leased = await auto.execute(
+        "SELECT count(*) FROM outbox.deliveries WHERE lease_token IS NOT NULL"
+    )
+    assert await leased.fetchone() == (8,)  # nothing beyond the limits was leased
 
 
 async def test_handler_deliveries_are_not_claimed_as_webhooks(
@@ -192,8 +210,9 @@ async def test_handler_deliveries_are_not_claimed_as_webhooks(
 
 
 async def test_claim_query_uses_the_partial_claim_index(db_url: str) -> None:
-    """With a realistic table (mostly delivered rows, a few pending), the claim walks
-    ix_deliveries_claim in next_attempt_at order instead of scanning the table."""
+    """With a realistic table (mostly delivered rows, a few pending), the claim reads each
+    consumer's due deliveries from ix_deliveries_claim in next_attempt_at order instead of scanning
+    the table."""
     with psycopg.connect(db_url) as conn:
         conn.execute(
             "INSERT INTO merchants (id, name) VALUES ('mer_x', 'x');"
@@ -217,7 +236,8 @@ async def test_claim_query_uses_the_partial_claim_index(db_url: str) -> None:
             row[0]
             for row in conn.execute(
                 "EXPLAIN " + claim.CLAIM_WEBHOOKS,
-                {"busy": [], "limit": 100, "lease": 60, "token": uuid.uuid4(), "relay": "t"},
+                {"consumers": ["we_b"], "rooms": [3], "share": 16, "limit": 100, "lease": 60,
+                 "token": uuid.uuid4(), "relay": "t"},
             )
         )
     assert "Index Scan using ix_deliveries_claim" in plan, plan
