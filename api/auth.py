@@ -32,5 +32,9 @@ async def authenticate(conn: AsyncConnection, api_key: str) -> Merchant:
     cur = await conn.execute(_LOOKUP, (hash_key(api_key),))
     row = await cur.fetchone()
     if row is None or not key_matches(row[0], api_key):
-        raise Unauthenticated("Unknown or revoked API key.")
+        raise unknown_key()
     return Merchant(row[1], row[2], row[3])
+
+
+def unknown_key() -> Unauthenticated:
+    return Unauthenticated("Unknown or revoked API key.")

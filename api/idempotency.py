@@ -66,17 +66,24 @@ async def begin(
     locked, stored_route, stored_hash, status, body = row
     if stored_route is not None:
         if stored_route != route or bytes(stored_hash) != digest:
-            raise IdempotencyKeyReused(
-                "This Idempotency-Key was used with a different request.",
-                param="Idempotency-Key",
-            )
+            raise reused()
         return Stored(status, bytes(body))
     if not locked:
-        raise IdempotencyKeyInUse(
-            "A request with this Idempotency-Key is still being processed; retry later.",
-            param="Idempotency-Key",
-        )
+        raise in_use()
     return None
+
+
+def reused() -> IdempotencyKeyReused:
+    return IdempotencyKeyReused(
+        "This Idempotency-Key was used with a different request.", param="Idempotency-Key"
+    )
+
+
+def in_use() -> IdempotencyKeyInUse:
+    return IdempotencyKeyInUse(
+        "A request with this Idempotency-Key is still being processed; retry later.",
+        param="Idempotency-Key",
+    )
 
 
 async def finish(

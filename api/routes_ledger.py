@@ -5,16 +5,19 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 from psycopg import AsyncConnection
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from api import uow, validate
-from api.errors import problem
+from api import idempotency, uow, validate
+from api.auth import bearer_key, unknown_key
 from api.http import json_body
 from api.lists import fetch_one, fetch_page
 from ledger import objects, service
+from ledger.ids import new_id
+from ledger.merchants import hash_key
 from ledger.service import Merchant
 
 Result = tuple[int, Any]
@@ -139,6 +142,15 @@ async def create_payout(request: Request) -> Response:
     return await uow.write(request, body, run)
 
 
+# POST /v1/payments is one statement (api_create_payment, db/migrations/versions/0003): it
+# authenticates, reserves or replays the idempotency key, runs ledger_create_payment, and renders
+# and stores the response, all in its own transaction. Validation stays here, before it.
+_CREATE_PAYMENT = """
+SELECT http_status, body, replayed, merchant
+FROM api_create_payment(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+"""
+
+
 async def create_payment(request: Request) -> Response:
     body = await json_body(request)
     validate.only(body, "source", "destination", "amount", "currency", "description", "metadata")
@@ -149,16 +161,31 @@ async def create_payment(request: Request) -> Response:
     description = validate.optional_text(body, "description")
     metadata = validate.metadata(body)
 
-    async def run(conn: AsyncConnection, merchant: Merchant) -> Result:
-        result = await service.create_payment(
-            conn, merchant, source, destination, amount, currency, description, metadata
-        )
-        if result.error is not None:
-            # The failed payment is recorded and committed; the client gets 402 with it.
-            return result.error.status, {**problem(result.error), "payment": result.payment}
-        return 201, result.payment
+    api_key = bearer_key(request)
+    key = idempotency.validate_key(request.headers.get("idempotency-key"))
+    route = f"{request.method} {request.url.path}"
+    params = (
+        hash_key(api_key), key, route, idempotency.request_hash(route, body) if key else None,
+        source, destination, amount, currency, description, orjson.dumps(metadata).decode(),
+        new_id("pay"), [new_id("ent"), new_id("ent")], [new_id("evt") for _ in range(3)],
+    )
 
-    return await uow.write(request, body, run)
+    async def once() -> Response:
+        async with uow.pool_of(request).connection() as conn:
+            cur = await conn.execute(_CREATE_PAYMENT, params)
+            row = await cur.fetchone()
+        assert row is not None
+        status, raw, replayed, merchant = row
+        if status == 401:
+            raise unknown_key()
+        request.state.merchant = Merchant(merchant)
+        if status == 409:
+            raise idempotency.in_use()
+        if status == 422:
+            raise idempotency.reused()
+        return uow.respond(status, bytes(raw), replayed)
+
+    return await uow.retrying(once)
 
 
 async def get_payment(request: Request) -> Response:

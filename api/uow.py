@@ -3,6 +3,8 @@ back in this one place.
 
 Writes retry serialization failures and deadlocks inside the service (the client never sees them)
 and carry the idempotency protocol; a database that cannot be reached becomes 503 `unavailable`.
+`POST /v1/payments` is the exception: the same protocol runs inside one SQL statement
+(`api_create_payment`, api/routes_ledger.py), with the same retries around it (`retrying`).
 """
 
 from __future__ import annotations
@@ -74,9 +76,15 @@ async def write(request: Request, body: dict[str, Any], handler: Handler) -> Res
     key = idempotency.validate_key(request.headers.get("idempotency-key"))
     route = f"{request.method} {request.url.path}"
     digest = idempotency.request_hash(route, body) if key else b""
+    return await retrying(lambda: _write_once(request, api_key, key, route, digest, handler))
+
+
+async def retrying(attempt_once: Callable[[], Awaitable[Response]]) -> Response:
+    """Run one write attempt, again after a serialization failure or a deadlock (the client
+    never sees those), and turn database trouble into 503 and unstorable values into 400."""
     for attempt in range(MAX_ATTEMPTS):
         try:
-            return await _write_once(request, api_key, key, route, digest, handler)
+            return await attempt_once()
         except _RETRYABLE:
             await asyncio.sleep(random.uniform(0, 0.005 * 2**attempt))
         except (psycopg.OperationalError, PoolTimeout) as exc:

@@ -1,21 +1,22 @@
-"""The baseline for the API: `pgbench` running the payment transaction's own SQL.
+"""The baseline for the API: `pgbench` running the payment's own SQL transaction.
 
-The script is generated from the product's statement constants (`ledger.service._LOCK_ACCOUNTS`,
-`_RECENT_PAYMENTS`, `_MOVE`, `_INSERT_PAYMENT`, `outbox.publish._HOLD_CONSUMERS` and
-`_PUBLISH`), verbatim, with each
-psycopg placeholder bound to a pgbench expression. When the product's SQL changes, the baseline
-changes with it; when a statement's parameters change, `bind` fails loudly instead of drifting.
+`POST /v1/payments` is one statement, `SELECT … FROM api_create_payment(…)`
+(`api.routes_ledger._CREATE_PAYMENT`): authentication, the idempotency key, the ledger writes, the
+payment row, the events and their delivery rows, the rendered response stored with the key. The
+scripts are generated from the product's statement constants, verbatim, with each psycopg
+placeholder bound to a pgbench expression; when a statement's parameters change, `bind` fails
+loudly instead of drifting.
+
+Two shapes:
+- `same_txn`: the API's statement itself, with a fresh idempotency key per transaction: the
+  request's whole database work without HTTP and Python. This is the issue's baseline.
+- `ledger_only`: `ledger.service.CREATE_PAYMENT` (`ledger_create_payment`): the ledger writes,
+  the payment row, the events and their deliveries, without authentication or idempotency.
 
 What the client computes in Python is computed in SQL here: ids (time-ordered, like
-`ledger.ids.new_id`, so the indexes see the same right-edge inserts), the balances after the move
-(read in the same statement's snapshot, which is the locked balance), the event payloads. The
+`ledger.ids.new_id`, so the indexes see the same right-edge inserts) and the request hash. The
 accounts are `PGBENCH_ACCOUNTS` rows seeded with ids computable from a number, so a random pair is
-drawn without a lookup. What pgbench does not run is what the API adds on top: authentication, the
-idempotency key (reserve and record) and the savepoint around the handler; that is the cost the
-ratio shows.
-
-Two shapes: `pipelined` (round trips as the product's payment writes: BEGIN + locks + risk count,
-then the writes + COMMIT) and `plain` (one round trip per statement).
+drawn without a lookup.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from pathlib import Path
 
 from bench.procs import Child
 from ledger import service
-from outbox import publish
 
 ACCOUNT_PREFIX = "acct_pgbench"  # + 19 digits = the 26 characters of a real id body
 _PLACEHOLDER = re.compile(r"%\((\w+)\)s|%s|%%")
@@ -72,117 +72,40 @@ def bind(sql: str, positional: list[str] | None = None, named: dict[str, str] | 
     return out.strip()
 
 
-def _payment_json() -> str:
-    return (
-        f"jsonb_build_object('id', {_PAY}, 'object', 'payment', 'source', {_SRC},"
-        f" 'destination', {_DST}, 'amount', {_AMT}, 'amount_refunded', 0, 'currency', 'USD',"
-        " 'status', 'succeeded', 'failure_code', NULL, 'description', NULL,"
-        " 'metadata', '{}'::jsonb,"
-        # No ':' in literals: pgbench would take ':MI' for a variable.
-        " 'created_at', now() AT TIME ZONE 'UTC')"
-    )
+def statement(shape: str) -> str:
+    """The payment's statement for `shape`, bound for pgbench."""
+    from api import routes_ledger
+
+    entries = f"ARRAY[{_id('ent', 'a')}, {_id('ent', 'b')}]"
+    events = f"ARRAY[{_id('evt', 'a')}, {_id('evt', 'b')}, {_id('evt', 'c')}]"
+    if shape == "same_txn":
+        key = f"('k' || {_STAMP} || :r::text || '_' || :client_id::text)"
+        return bind(routes_ledger._CREATE_PAYMENT, [
+            "decode(:keyhash::text, 'hex')", key, "'POST /v1/payments'",
+            f"sha256(convert_to({key}, 'UTF8'))",
+            _SRC, _DST, _AMT, "'USD'", "NULL", "'{}'", _PAY, entries, events,
+        ])
+    if shape == "ledger_only":
+        limits = service.Merchant("")
+        return bind(service.CREATE_PAYMENT, [
+            _MER, str(limits.risk_max_amount), str(limits.risk_max_payments_per_minute),
+            _SRC, _DST, _AMT, "'USD'", "NULL", "'{}'::jsonb", _PAY, entries, events,
+        ])
+    raise ValueError(f"unknown shape {shape!r}")
 
 
-def _balance_json(account: str, sign: str) -> str:
-    return (
-        f"jsonb_build_object('account', {account}, 'currency', 'USD', 'delta', {sign}{_AMT},"
-        f" 'balance', (SELECT balance FROM accounts WHERE id = {account}),"
-        f" 'cause', jsonb_build_object('object', 'payment', 'id', {_PAY}))"
-    )
+SHAPES = ("same_txn", "ledger_only")
 
 
-def statements() -> list[str]:
-    """The payment transaction's statements, in the product's order, bound for pgbench."""
-    lock = bind(
-        service._LOCK_ACCOUNTS,
-        named={
-            "merchant": _MER,
-            "ids": f"ARRAY[{_SRC}, {_DST}]",
-            "kind": "''",  # a payment asks for no system account
-            "currency": "'USD'",
-        },
-    )
-    recent = bind(service._RECENT_PAYMENTS, [_SRC])
-    move = bind(
-        service._MOVE,
-        [
-            f"ARRAY[{_SRC}, {_DST}]",
-            f"ARRAY[-{_AMT}, {_AMT}]",
-            "'USD'",
-            _PAY,
-            "now()",
-            f"ARRAY[{_id('ent', 'a')}, {_id('ent', 'b')}]",
-            f"ARRAY[{_SRC}, {_DST}]",
-            f"ARRAY[-{_AMT}, {_AMT}]",
-            # The statement's snapshot still holds the locked balances, as the client's copy does.
-            f"ARRAY[(SELECT balance FROM accounts WHERE id = {_SRC}) - {_AMT},"
-            f" (SELECT balance FROM accounts WHERE id = {_DST}) + {_AMT}]",
-        ],
-    )
-    insert = bind(
-        service._INSERT_PAYMENT,
-        [_PAY, _MER, _SRC, _DST, _AMT, "'USD'", "'succeeded'", "NULL", "NULL",
-         "'{}'::jsonb", "now()"],
-    )
-    events = bind(
-        publish._PUBLISH,
-        [
-            f"ARRAY[{_id('evt', 'a')}, {_id('evt', 'b')}, {_id('evt', 'c')}]",
-            f"ARRAY[{_MER}, {_MER}, {_MER}]",
-            "ARRAY['payment.succeeded', 'account.balance_changed', 'account.balance_changed']",
-            f"ARRAY[{_PAY}, {_SRC}, {_DST}]",
-            # After the move: the balance events carry the new balances, as the product's do.
-            f"ARRAY[{_payment_json()}, {_balance_json(_SRC, '-')}, {_balance_json(_DST, '')}]",
-            "ARRAY[0, 1, 2]",
-            "now()",
-        ],
-    )
-    hold = bind(publish._HOLD_CONSUMERS, [f"ARRAY[{_MER}]"])
-    return [lock, recent, move, insert, hold, events]
-
-
-def api_statements() -> tuple[str, str, str]:
-    """What the API adds around the payment: authentication, the idempotency key reserved and
-    recorded (api/auth.py, api/idempotency.py), bound like the rest."""
-    from api import auth, idempotency
-
-    key = "('k' || :r::text || '_' || :client_id::text)"
-    lookup = bind(auth._LOOKUP, ["decode(:keyhash::text, 'hex')"])
-    begin = bind(idempotency._BEGIN, named={
-        "lock": f"({_MER} || ':' || {key})", "merchant": _MER, "key": key})
-    finish = bind(idempotency._FINISH, [
-        _MER, key, "'POST /v1/payments'", "sha256(convert_to(" + key + ", 'UTF8'))", "201",
-        f"convert_to({_payment_json()}::text, 'UTF8')"])
-    return lookup, begin, finish
-
-
-def script(naccounts: int, pipelined: bool, with_api: bool = False) -> str:
-    lock, recent, move, insert, hold, events = statements()
+def script(naccounts: int, shape: str) -> str:
     head = [
         f"\\set s random(1, {naccounts})",
         f"\\set d 1 + (:s + random(0, {naccounts - 2})) % {naccounts}",
         "\\set amount random(1, 100)",
         "\\set r random(0, 9999999999)",
     ]
-    if with_api:
-        # The API's round trips (api/uow.py): BEGIN + auth; reserve the key; SAVEPOINT + locks;
-        # the writes + RELEASE + record the key + COMMIT.
-        lookup, begin, finish = api_statements()
-        body = ["\\startpipeline", "BEGIN;", f"{lookup};", "\\endpipeline",
-                f"{begin};",
-                "\\startpipeline", "SAVEPOINT s;", f"{lock};", f"{recent};", "\\endpipeline",
-                "\\startpipeline", f"{move};", f"{insert};", f"{hold};", f"{events};",
-                "RELEASE SAVEPOINT s;",
-                f"{finish};", "COMMIT;", "\\endpipeline"]
-    elif pipelined:
-        body = ["\\startpipeline", "BEGIN;", f"{lock};", f"{recent};", "\\endpipeline",
-                "\\startpipeline", f"{move};", f"{insert};", f"{hold};", f"{events};", "COMMIT;",
-                "\\endpipeline"]
-    else:
-        body = ["BEGIN;", f"{lock};", f"{recent};", f"{move};", f"{insert};", f"{hold};",
-                f"{events};", "COMMIT;"]
-    # pgbench reads one command per line unless it ends with ';': join each statement's lines.
-    return "\n".join(head + [" ".join(line.split()) for line in body]) + "\n"
+    # pgbench reads one command per line unless it ends with ';': one line for the statement.
+    return "\n".join([*head, " ".join(statement(shape).split()) + ";"]) + "\n"
 
 
 SEED_SQL = f"""
@@ -203,8 +126,7 @@ class PgbenchResult:
     p99_ms: float
     clients: int
     seconds: float
-    pipelined: bool
-    with_api: bool
+    shape: str
 
 
 def available() -> bool:
@@ -217,19 +139,18 @@ def run(
     naccounts: int,
     clients: int,
     seconds: float,
-    pipelined: bool,
+    shape: str,
+    keyhash: str,
     threads: int = 2,
-    with_api: bool = False,
-    keyhash: str = "",
 ) -> PgbenchResult:
     """Run the script for `seconds` with `clients` connections; latencies from pgbench's log."""
     with tempfile.TemporaryDirectory(prefix="bench-pgbench-") as tmp:
         path = Path(tmp) / "payment.sql"
-        path.write_text(script(naccounts, pipelined, with_api))
+        path.write_text(script(naccounts, shape))
         argv = [
             "pgbench", "-n", "-M", "prepared", "-c", str(clients), "-j", str(threads),
             "-T", str(max(1, round(seconds))), "-D", f"merchant={merchant}",
-            "-D", f"keyhash={keyhash or '00'}",
+            "-D", f"keyhash={keyhash}",
             "--max-tries=10", "-l", "--log-prefix", str(Path(tmp) / "log"),
             "-f", str(path), dbname,
         ]
@@ -262,8 +183,7 @@ def run(
         p99_ms=_pct(latencies, 99),
         clients=clients,
         seconds=seconds,
-        pipelined=pipelined,
-        with_api=with_api,
+        shape=shape,
     )
 
 

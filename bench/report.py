@@ -40,8 +40,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 def build(meta: Json, results: Json, usage: Json, config: Json, notes: list[str]) -> Json:
     pgb = results.get("pgbench") or {}
-    baselines = [v["tps"] for k, v in pgb.items() if k in ("pipelined", "plain")]
-    pgbench_tps = max(baselines, default=None)
+    pgbench_tps = (pgb.get("same_txn") or {}).get("tps")
     drain = _best(results.get("pgqueuer_drain"), "jobs_per_s")
     throughput = _best(results.get("pgqueuer_throughput"), "jobs_per_s")
     api = results.get("api") or {}
@@ -54,6 +53,8 @@ def build(meta: Json, results: Json, usage: Json, config: Json, notes: list[str]
             "p50_ms": api.get("p50_ms"),
             "p99_ms": api.get("p99_ms"),
             "pgbench_same_txn_tps": pgbench_tps,
+            # The ledger part alone (no authentication, no idempotency key): for reference.
+            "pgbench_ledger_only_tps": (pgb.get("ledger_only") or {}).get("tps"),
         },
         "relay": {
             "handler_events_per_s": _get(results, "handler", "events_per_s"),
@@ -148,7 +149,8 @@ def markdown(doc: Json) -> str:
     pgb = d.get("pgbench") or {}
     for shape, v in pgb.items():
         extra.append(f"pgbench {shape}: {_fmt(v['tps'])} tps, p50 {_fmt(v['p50_ms'], 1)} ms, "
-                     f"p99 {_fmt(v['p99_ms'], 1)} ms")
+                     f"p99 {_fmt(v['p99_ms'], 1)} ms; API / pgbench {shape} = "
+                     f"{_fmt(_ratio(api['payments_per_s'], v['tps']), 2)}")
     for phase in ("pgqueuer_drain", "pgqueuer_throughput"):
         for driver, v in (d.get(phase) or {}).items():
             extra.append(f"{phase.replace('_', ' ')} ({driver}): {_fmt(v['jobs_per_s'])} jobs/s")

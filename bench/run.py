@@ -2,7 +2,7 @@
 
  1. set-up: databases, API, receiver, seeded accounts (API and pgbench each their own, same count)
  2. api: POST /v1/payments with an Idempotency-Key at a fixed client concurrency
- 3. pgbench: the same SQL transaction (bench/pgbench.py), pipelined and plain, same concurrency
+ 3. pgbench: the same SQL transaction (bench/pgbench.py) and its ledger part, same concurrency
  4. wake-up: the API (and pgbench) with a relay registered as asleep (every payment NOTIFYs)
     and with none
  5. handler drain: a backlog of payment.succeeded events for `reports`, drained by the relay
@@ -33,6 +33,7 @@ from bench import database, httpload, machine, pgbench, procs
 from bench.procs import Child
 from bench.receiver import verify
 from bench.stack import HOST, Api, Profiler, Receiver, Relays
+from ledger.merchants import hash_key
 
 Json = dict[str, Any]
 
@@ -261,21 +262,18 @@ async def phase_pgbench(run: Run) -> None:
     if not pgbench.available():
         run.notes.append("pgbench is not installed: no API baseline")
         return
-    from ledger.merchants import hash_key
-
     keyhash = hash_key(run.api_key).hex()
     out: Json = {}
-    # The baseline is the better of the first two; the third runs the API's own statements too
-    # (auth, idempotency, savepoint): what the API's database work costs without HTTP/Python.
-    for shape in ("pipelined", "plain", "with_api_statements"):
-        pipelined = shape != "plain"
+    # same_txn is the API's own statement (the baseline); ledger_only leaves out authentication
+    # and the idempotency key.
+    for shape in pgbench.SHAPES:
         run.say(f"pgbench ({shape}): {cfg.concurrency} clients, {cfg.api_seconds:.0f}s")
         meter = run.meter()
         db_cores = asyncio.create_task(
             machine.database_cores(run.db.url, 1.0, max(cfg.api_seconds - 2.0, 0.5)))
         res = await asyncio.to_thread(
             pgbench.run, run.db.name, run.merchant, cfg.accounts, cfg.concurrency,
-            cfg.api_seconds, pipelined, 2, shape == "with_api_statements", keyhash,
+            cfg.api_seconds, shape, keyhash,
         )
         usage = meter.stop()
         db_cpu = await db_cores
@@ -332,10 +330,10 @@ async def phase_wakeup(run: Run) -> None:
             api = await api_closed_loop(run, cfg.wakeup_seconds, f"wakeup_api_{tag}")
             pgb = None
             if pgbench.available():
-                run.say(f"wake-up {tag}: pgbench (pipelined), {cfg.wakeup_seconds:.0f}s")
+                run.say(f"wake-up {tag}: pgbench (same_txn), {cfg.wakeup_seconds:.0f}s")
                 pgb = await asyncio.to_thread(
                     pgbench.run, run.db.name, run.merchant, cfg.accounts, cfg.concurrency,
-                    cfg.wakeup_seconds, True,
+                    cfg.wakeup_seconds, "same_txn", hash_key(run.api_key).hex(),
                 )
         finally:
             stop.set()

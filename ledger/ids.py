@@ -1,8 +1,11 @@
 """Opaque, prefixed, time-ordered ids (`pay_01J…`).
 
-The body is 26 Crockford base32 characters: 48 bits of milliseconds then 80 random bits, so ids
-sort by creation time and list cursors can compare ids. Within one process ids are strictly
-increasing (the random part is incremented when the clock has not moved).
+The body is 26 Crockford base32 characters: 10 for the milliseconds, 2 for the microsecond within
+the millisecond, then 14 random (70 bits), so ids sort by creation time and list cursors can
+compare ids. Within one process ids are strictly increasing (the random part is incremented when
+the clock has not moved). The SQL function `restamp_ids` (used by `ledger_create_payment`) writes
+the same time prefix from the database's clock once the accounts are locked, so ledger entries
+of one account sort in the order they were applied.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import time
 
 _ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"
 _lock = threading.Lock()
-_last_ms = 0
+_last_us = 0
 _last_rand = 0
 
 
@@ -26,14 +29,14 @@ def _encode(value: int, length: int) -> str:
 
 
 def new_id(prefix: str) -> str:
-    global _last_ms, _last_rand
+    global _last_us, _last_rand
     with _lock:
-        ms = time.time_ns() // 1_000_000
-        if ms <= _last_ms:
-            ms = _last_ms
+        us = time.time_ns() // 1_000
+        if us <= _last_us:
+            us = _last_us
             rand = _last_rand + 1
         else:
-            rand = int.from_bytes(os.urandom(10), "big") >> 1  # room to increment
-        _last_ms, _last_rand = ms, rand
-    return f"{prefix}_{_encode(ms, 10)}{_encode(rand, 16)}"
+            rand = int.from_bytes(os.urandom(9), "big") >> 3  # 69 bits: room to increment
+        _last_us, _last_rand = us, rand
+    return f"{prefix}_{_encode(us // 1000, 10)}{_encode(us % 1000, 2)}{_encode(rand, 14)}"
 

@@ -7,11 +7,12 @@ Every function runs inside the caller's transaction and never commits. Each one
 3. writes ledger entries that sum to zero, the balances, the business row, and publishes the events
    in the same transaction.
 Customer balances are kept non-negative by a CHECK constraint as well as by the checks here.
+A payment does all of it in one SQL function, `ledger_create_payment` (its hot path: one
+statement, no round trips in between); the other movements are written here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -119,24 +120,16 @@ async def _lock(
     wanted: dict[str, str],
     currency: str,
     system_kind: str = "",
-    also: Sequence[tuple[str, tuple[Any, ...]]] = (),
-    results: list[Any] | None = None,
 ) -> tuple[dict[str, _Account], _Account | None, datetime]:
     """Lock the merchant's customer accounts `wanted` (id -> request parameter) and, when asked,
     its system account of `system_kind` in `currency`, in id order. Returns the accounts, the
     system account and the transaction time. An unknown or foreign id raises NotFound naming its
-    parameter; an account in another currency raises CurrencyMismatch. Queries in `also` run
-    right after the lock; their first rows are appended to `results`."""
-    results = results if results is not None else []
+    parameter; an account in another currency raises CurrencyMismatch."""
     cur = await conn.execute(
         _LOCK_ACCOUNTS,
         {"merchant": merchant.id, "ids": list(wanted), "kind": system_kind, "currency": currency},
     )
-    # Queued behind the lock (pipeline mode), so it reads under the lock in the same round trip.
-    pending = [await conn.execute(q, p) for q, p in also]
     rows = await cur.fetchall()
-    for extra in pending:
-        results.append(await extra.fetchone())
     found: dict[str, _Account] = {}
     system: _Account | None = None
     for id_, cur_, kind, balance, _ in rows:
@@ -277,15 +270,12 @@ async def create_payout(
 
 # --- payments -----------------------------------------------------------------------------------
 
-_RECENT_PAYMENTS = """
-SELECT count(*) FROM payments
-WHERE source_id = %s AND created_at > now() - interval '1 minute'
-"""
-
-_INSERT_PAYMENT = """
-INSERT INTO payments (id, merchant_id, source_id, destination_id, amount, currency, status,
-                      failure_code, description, metadata, created_at)
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+# The payment's whole transaction body is the PL/pgSQL function ledger_create_payment
+# (db/migrations/versions/0003_payment_functions.py): lock both accounts in id order, check,
+# move, record the payment (failed ones too), publish. `api_create_payment` wraps it for the API.
+CREATE_PAYMENT = """
+SELECT outcome, param, held_currency, source_balance, moved_at, recent_payments
+FROM ledger_create_payment(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
 """
 
 
@@ -299,60 +289,50 @@ async def create_payment(
     description: str | None = None,
     metadata: dict[str, Any] | None = None,
 ) -> PaymentResult:
-    if source_id == destination_id:
-        raise InvalidRequest("source and destination must be different accounts", "destination")
     metadata = metadata or {}
-    recent: list[Any] = []
-    found, _, now = await _lock(
-        conn,
-        merchant,
-        {source_id: "source", destination_id: "destination"},
-        currency,
-        also=[(_RECENT_PAYMENTS, (source_id,))],
-        results=recent,
+    payment_id = new_id("pay")
+    cur = await conn.execute(
+        CREATE_PAYMENT,
+        (
+            merchant.id, merchant.risk_max_amount, merchant.risk_max_payments_per_minute,
+            source_id, destination_id, amount, currency, description, Jsonb(metadata),
+            payment_id, [new_id("ent"), new_id("ent")], [new_id("evt") for _ in range(3)],
+        ),
     )
-    source, destination = found[source_id], found[destination_id]
-
+    row = await cur.fetchone()
+    assert row is not None
+    outcome, param, held_currency, source_balance, now, _ = row
+    if outcome == "same_account":
+        raise InvalidRequest("source and destination must be different accounts", "destination")
+    account_id = source_id if param == "source" else destination_id
+    if outcome == "not_found":
+        raise NotFound(f"No such account: {account_id}", param=param)
+    if outcome == "currency_mismatch":
+        raise CurrencyMismatch(
+            f"Account {account_id} holds {held_currency}, the request is in {currency}.",
+            param=param,
+        )
     error: InsufficientFunds | RiskDeclined | None = None
-    if amount > merchant.risk_max_amount:
+    if outcome == "risk_amount":
         error = RiskDeclined(
             f"The amount exceeds the merchant's single-payment limit of "
             f"{merchant.risk_max_amount}."
         )
-    else:
-        row = recent[0]
-        if row is not None and row[0] >= merchant.risk_max_payments_per_minute:
-            error = RiskDeclined(
-                f"The source account made {merchant.risk_max_payments_per_minute} payments in "
-                "the last minute, the merchant's limit."
-            )
-    if error is None and source.balance < amount:
+    elif outcome == "risk_velocity":
+        error = RiskDeclined(
+            f"The source account made {merchant.risk_max_payments_per_minute} payments in "
+            "the last minute, the merchant's limit."
+        )
+    elif outcome == "insufficient_funds":
         error = InsufficientFunds(
-            f"Account {source_id} has {source.balance}, the payment needs {amount}.",
+            f"Account {source_id} has {source_balance}, the payment needs {amount}.",
             param="amount",
         )
-
-    payment_id = new_id("pay")
     status = "failed" if error else "succeeded"
-    failure_code = error.code if error else None
-    if error is None:
-        await _move(conn, [(source, -amount), (destination, amount)], currency, payment_id, now)
-    await conn.execute(
-        _INSERT_PAYMENT,
-        (
-            payment_id, merchant.id, source_id, destination_id, amount, currency, status,
-            failure_code, description, Jsonb(metadata), now,
-        ),
-    )
     obj = objects.payment(
-        payment_id, source_id, destination_id, amount, 0, currency, status, failure_code,
-        description, metadata, now,
+        payment_id, source_id, destination_id, amount, 0, currency, status,
+        error.code if error else None, description, metadata, now,
     )
-    events = [NewEvent(f"payment.{status}", payment_id, obj, merchant.id)]
-    if error is None:
-        events.append(_balance_event(merchant, source, -amount, "payment", payment_id))
-        events.append(_balance_event(merchant, destination, amount, "payment", payment_id))
-    await publish(conn, events, now)
     return PaymentResult(obj, error)
 
 
