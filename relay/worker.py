@@ -1,8 +1,8 @@
 """The relay: claims due deliveries, delivers them, completes them; sleeps when there is nothing.
 
 One main loop per process does the claiming (so it is the loop the systemd watchdog watches):
-each turn it runs one transaction per handler consumer (claim + apply + complete) and claims as
-many webhook deliveries as it has free slots. Each webhook delivery then runs as its own task,
+each turn it runs one transaction per handler consumer (claim + apply + complete) and, side by
+side with those, claims webhook deliveries for the places it has free (docs/relay.md). Each webhook delivery then runs as its own task,
 bounded by `concurrency` and by a per-consumer share, so a slow or failing endpoint never holds
 up another. Results are written by a completer task in batches of whatever finished meanwhile,
 so a batch never waits for its slowest member.
@@ -157,7 +157,7 @@ class Relay:
         self._pool = AsyncConnectionPool(
             self._conninfo,
             min_size=1,
-            max_size=4,
+            max_size=6,  # the loop (handlers and claims side by side), completer, monitor, spare
             kwargs={"autocommit": True},
             open=False,
             check=self._check_connection,
@@ -272,32 +272,51 @@ class Relay:
             idle_wait = min(idle_wait * 2, MAX_WAIT)
 
     async def _step(self) -> tuple[bool, bool, bool]:
-        """One turn: (did work, may have more right now, waiting on busy slots)."""
-        progressed = more = blocked = False
+        """One turn: (did work, may have more right now, waiting on busy slots).
+
+        The handler consumers' transactions and the webhook claim run side by side, on their
+        own connections: a slow handler batch does not hold up webhook deliveries."""
         now = time.monotonic()
         # Handler consumers are polled on every turn while they have work, else at most every
         # MIN_WAIT: finished webhook deliveries turn the loop far more often than that.
-        if self._handlers_busy or now - self._handlers_polled >= MIN_WAIT:
-            self._handlers_polled = now
-            self._handlers_busy = False
-            for name, handler in self._handlers.items():
-                n = await self._run_handler(name, handler)
-                progressed = progressed or n > 0
-                self._handlers_busy = self._handlers_busy or n >= self.settings.batch_size
-            more = self._handlers_busy
+        poll = self._handlers_busy or now - self._handlers_polled >= MIN_WAIT
+        if not poll:
+            return await self._webhooks_turn()
+        self._handlers_polled = now
+        outcomes = await asyncio.gather(
+            self._handlers_turn(), self._webhooks_turn(), return_exceptions=True
+        )
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        handled, webhooks = outcomes
+        assert not isinstance(handled, BaseException) and not isinstance(webhooks, BaseException)
+        progressed, more, blocked = webhooks
+        applied, self._handlers_busy = handled
+        return progressed or applied > 0, more or self._handlers_busy, blocked
+
+    async def _handlers_turn(self) -> tuple[int, bool]:
+        """One batch of each handler consumer: (events applied, some consumer had a full batch
+        and may have more)."""
+        applied = 0
+        busy = False
+        for name, handler in self._handlers.items():
+            n = await self._run_handler(name, handler)
+            applied += n
+            busy = busy or n >= self.settings.batch_size
+        return applied, busy
+
+    async def _webhooks_turn(self) -> tuple[bool, bool, bool]:
         held = len(self._inflight) + self._buffered
         free = self._hold_limit - held
         if free < self._min_claim and held:
-            return progressed, more, True
+            return False, False, True
         rooms = self._rooms()
         limit = min(free, self.settings.batch_size)
         claimed = await self._claim(limit, rooms)
         if claimed:
-            progressed = True
-            more = more or len(claimed) >= limit
-        elif rooms:
-            blocked = True
-        return progressed, more, blocked
+            return True, len(claimed) >= limit, False
+        return False, False, bool(rooms)
 
     def _rooms(self) -> dict[str, int]:
         """What each consumer with deliveries held here (in flight or waiting) may still claim,
