@@ -2,10 +2,10 @@
 
 One main loop per process does the claiming (so it is the loop the systemd watchdog watches):
 each turn it runs one transaction per handler consumer (claim + apply + complete) and, side by
-side with those, claims webhook deliveries for the places it has free (docs/relay.md). Each webhook delivery then runs as its own task,
-bounded by `concurrency` and by a per-consumer share, so a slow or failing endpoint never holds
-up another. Results are written by a completer task in batches of whatever finished meanwhile,
-so a batch never waits for its slowest member.
+side with those, claims webhook deliveries for the places it has free (docs/relay.md). Each
+webhook delivery then runs as its own task, bounded by `concurrency` and by a per-consumer share,
+so a slow or failing endpoint never holds up another. Results are written by a completer task in
+batches of whatever finished meanwhile, so a batch never waits for its slowest member.
 
 Waking: the loop polls with a backoff (50 ms growing to 1 s) and wakes early on NOTIFY (see
 listener.py), when a delivery finishes, and when the next retry or lease comes due. Before it
@@ -486,17 +486,21 @@ class Relay:
         self.metrics.deliveries.labels(outcome).inc()
         if outcome == "delivered":
             self.metrics.end_to_end.observe(max(time.time() - item.event.time.timestamp(), 0.0))
-        fields = {
-            "event": item.event.id,
-            "consumer": item.consumer,
-            "attempt": item.attempts + 1,
-            "outcome": outcome,
-            "status_code": attempt.status_code,
-            "latency_ms": attempt.latency_ms,
-            "error": attempt.error,
-        }
+        if outcome == "delivered" and not log.isEnabledFor(logging.DEBUG):
+            fields = {}
+        else:
+            fields = {
+                "event": item.event.id,
+                "consumer": item.consumer,
+                "attempt": item.attempts + 1,
+                "outcome": outcome,
+                "status_code": attempt.status_code,
+                "latency_ms": attempt.latency_ms,
+                "error": attempt.error,
+            }
         if outcome == "delivered":
-            log.debug("delivered", extra=fields)
+            if fields:
+                log.debug("delivered", extra=fields)
         elif outcome == "retry":
             log.info("attempt failed, retrying in %.1f s", delay, extra=fields)
         elif outcome == "dead":
