@@ -20,12 +20,13 @@ _last_us = 0
 _last_rand = 0
 
 
+# Two base32 characters per 10 bits: an id's 26 characters are 13 table lookups.
+_PAIRS = [a + b for a in _ALPHABET for b in _ALPHABET]
+
+
 def _encode(value: int, length: int) -> str:
-    out = []
-    for _ in range(length):
-        out.append(_ALPHABET[value & 31])
-        value >>= 5
-    return "".join(reversed(out))
+    """`value` as `length` Crockford base32 characters, most significant first (`length` even)."""
+    return "".join(_PAIRS[(value >> shift) & 1023] for shift in range(5 * length - 10, -1, -10))
 
 
 def new_id(prefix: str) -> str:
@@ -38,5 +39,5 @@ def new_id(prefix: str) -> str:
         else:
             rand = int.from_bytes(os.urandom(9), "big") >> 3  # 69 bits: room to increment
         _last_us, _last_rand = us, rand
-    return f"{prefix}_{_encode(us // 1000, 10)}{_encode(us % 1000, 2)}{_encode(rand, 14)}"
+    return f"{prefix}_{_encode(((us // 1000) << 80) | ((us % 1000) << 70) | rand, 26)}"
 
