@@ -111,7 +111,6 @@ class Relay:
         # they were claimed: a finished delivery starts the next one without a database round
         # trip, and the claims that refill this come in batches.
         self._ready: dict[str, deque[tuple[float, Claimed]]] = {}
-        self._buffered = 0
         # What a relay holds (in flight plus waiting): READY_DEPTH times the slots, and as much
         # per consumer for its share. Claims wait until this many places are free (a consumer:
         # this much room), so each claim (a transaction, a WAL flush) brings a batch.
@@ -306,6 +305,17 @@ class Relay:
             busy = busy or n >= self.settings.batch_size
         return applied, busy
 
+    @property
+    def _buffered(self) -> int:
+        return sum(len(waiting) for waiting in self._ready.values())
+
+    def _held(self) -> Counter[str]:
+        """Deliveries held here per consumer: in flight plus waiting for a slot."""
+        held = Counter(self._per_consumer)
+        for consumer, waiting in self._ready.items():
+            held[consumer] += len(waiting)
+        return held
+
     async def _webhooks_turn(self) -> tuple[bool, bool, bool]:
         held = len(self._inflight) + self._buffered
         free = self._hold_limit - held
@@ -323,8 +333,7 @@ class Relay:
         up to `_consumer_hold`. Room below `_min_claim` counts as none, so claims come in batches
         rather than one per finished delivery. Consumers not listed may claim all of it."""
         rooms: dict[str, int] = {}
-        for consumer in {*self._per_consumer, *self._ready}:
-            held = self._per_consumer[consumer] + len(self._ready.get(consumer, ()))
+        for consumer, held in self._held().items():
             room = self._consumer_hold - held
             rooms[consumer] = room if room >= self._min_claim else 0
         return rooms
@@ -348,7 +357,6 @@ class Relay:
         now = time.monotonic()
         for item in claimed:
             self._ready.setdefault(item.consumer, deque()).append((now, item))
-        self._buffered += len(claimed)
         self._start_ready()
 
     def _start_ready(self) -> None:
@@ -370,7 +378,6 @@ class Relay:
                 claimed_at, item = waiting.popleft()
                 if not waiting:
                     del self._ready[consumer]
-                self._buffered -= 1
                 started = True
                 if now - claimed_at > self._fresh_for:
                     stale.append(item)
@@ -383,7 +390,6 @@ class Relay:
         """Give back the deliveries of `consumer` waiting here (it was disabled)."""
         waiting = self._ready.pop(consumer, None)
         if waiting:
-            self._buffered -= len(waiting)
             self._give_back([item for _, item in waiting])
 
     def _give_back(self, items: list[Claimed]) -> None:
@@ -486,10 +492,8 @@ class Relay:
         self.metrics.deliveries.labels(outcome).inc()
         if outcome == "delivered":
             self.metrics.end_to_end.observe(max(time.time() - item.event.time.timestamp(), 0.0))
-        if outcome == "delivered" and not log.isEnabledFor(logging.DEBUG):
-            fields = {}
-        else:
-            fields = {
+        def fields() -> dict[str, Any]:
+            return {
                 "event": item.event.id,
                 "consumer": item.consumer,
                 "attempt": item.attempts + 1,
@@ -498,15 +502,16 @@ class Relay:
                 "latency_ms": attempt.latency_ms,
                 "error": attempt.error,
             }
+
         if outcome == "delivered":
-            if fields:
-                log.debug("delivered", extra=fields)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("delivered", extra=fields())
         elif outcome == "retry":
-            log.info("attempt failed, retrying in %.1f s", delay, extra=fields)
+            log.info("attempt failed, retrying in %.1f s", delay, extra=fields())
         elif outcome == "dead":
-            log.warning("attempt failed, retries exhausted: dead", extra=fields)
+            log.warning("attempt failed, retries exhausted: dead", extra=fields())
         else:
-            log.warning("endpoint gone (410): disabling it", extra=fields)
+            log.warning("endpoint gone (410): disabling it", extra=fields())
             self._drop_ready(item.consumer)
         self._results.append(
             Completion(item, outcome, delay, attempt.status_code, attempt.error,
@@ -572,9 +577,7 @@ class Relay:
         if self._stop.is_set():
             return
         assert self._pool is not None
-        counts = Counter(self._per_consumer)
-        for consumer, waiting in self._ready.items():
-            counts[consumer] += len(waiting)
+        counts = self._held()
         free = self._hold_limit - len(self._inflight) - self._buffered
         wanted: list[tuple[str, str]] = []
         for r in batch:
@@ -698,7 +701,6 @@ class Relay:
         outbox.sleepers."""
         waiting = [item for queue in self._ready.values() for _, item in queue]
         self._ready.clear()
-        self._buffered = 0
         tasks = list(self._inflight)
         if tasks:
             log.info("waiting for %d deliveries in flight", len(tasks))
