@@ -12,7 +12,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from api import idempotency, uow, validate
-from api.auth import bearer_key, unknown_key
+from api.auth import unknown_key
 from api.http import json_body
 from api.lists import fetch_one, fetch_page
 from ledger import objects, service
@@ -161,11 +161,9 @@ async def create_payment(request: Request) -> Response:
     description = validate.optional_text(body, "description")
     metadata = validate.metadata(body)
 
-    api_key = bearer_key(request)
-    key = idempotency.validate_key(request.headers.get("idempotency-key"))
-    route = f"{request.method} {request.url.path}"
+    api_key, key, route, digest = uow.write_request(request, body)
     params = (
-        hash_key(api_key), key, route, idempotency.request_hash(route, body) if key else None,
+        hash_key(api_key), key, route, digest if key else None,
         source, destination, amount, currency, description, orjson.dumps(metadata).decode(),
         new_id("pay"), [new_id("ent"), new_id("ent")], [new_id("evt") for _ in range(3)],
     )

@@ -71,11 +71,18 @@ async def read(request: Request, handler: Handler) -> Response:
     return respond(status, orjson.dumps(payload))
 
 
-async def write(request: Request, body: dict[str, Any], handler: Handler) -> Response:
+def write_request(request: Request, body: dict[str, Any]) -> tuple[str, str | None, str, bytes]:
+    """What every write checks before touching the database: (API key, Idempotency-Key or None,
+    route, request hash; empty without a key)."""
     api_key = bearer_key(request)
     key = idempotency.validate_key(request.headers.get("idempotency-key"))
     route = f"{request.method} {request.url.path}"
     digest = idempotency.request_hash(route, body) if key else b""
+    return api_key, key, route, digest
+
+
+async def write(request: Request, body: dict[str, Any], handler: Handler) -> Response:
+    api_key, key, route, digest = write_request(request, body)
     return await retrying(lambda: _write_once(request, api_key, key, route, digest, handler))
 
 
