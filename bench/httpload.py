@@ -77,6 +77,8 @@ class _Connection(asyncio.Protocol):
 
     async def request(self, data: bytes) -> tuple[int, bytes]:
         assert self.transport is not None
+        if self.transport.is_closing():
+            raise HttpError("connection closed")
         self._waiter = asyncio.get_running_loop().create_future()
         self.transport.write(data)
         try:
@@ -217,6 +219,9 @@ async def open_loop(
         delay = due - loop.time()
         if delay > 0:
             await asyncio.sleep(delay)
+        while free and free[-1].closed.done():  # the server closed it (keep-alive timeout)
+            free.pop()
+            opened -= 1
         if free:
             conn = free.pop()
         elif opened < max_connections:
