@@ -323,7 +323,7 @@ deliveries = Table(
         "ix_deliveries_claim",
         "consumer",
         "next_attempt_at",
-        postgresql_where=text("status = 'pending'"),
+        postgresql_where=text("status = 'pending' AND next_attempt_at < 'infinity'"),
     ),
     Index(
         "ix_deliveries_subject_pending",

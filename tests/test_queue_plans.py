@@ -1,0 +1,138 @@
+"""The relay's statements stay bounded by their batch when the statistics say the queue is empty.
+
+Autovacuum usually sees a queue drained: it records the pending indexes with zero rows, and
+PostgreSQL then believes a scan of them returns one row, however large the backlog that builds up
+afterwards (a relay that was down, an endpoint that was failing). Plans chosen on that belief
+used to walk a consumer's whole backlog once per candidate: with 20,000 pending deliveries, a
+webhook claim took 0.1-70 s and a successor claim minutes. Each statement here runs under a
+generic plan (what a prepared statement gets) against such a database, and the pages it touches
+must not grow with the backlog.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import psycopg
+import pytest
+
+from outbox import claim
+
+BACKLOG = 10_000  # pending deliveries per consumer, 2,500 subjects of 4 events
+BATCH = 32
+# Pages a statement may touch for a batch of BATCH: about 25 per claimed row (claim index, order
+# check, event, the update of six indexes). A plan that walks the backlog touches 10-10,000x more.
+MAX_PAGES = 2_500
+
+
+def _load(conn: psycopg.Connection[Any], first: int, count: int, status: str) -> None:
+    conn.execute(
+        "INSERT INTO outbox.events (id, merchant_id, type, subject, sequence, time, data)"
+        " SELECT 'evt_' || i, 'mer_x', 't.x', 'sub_' || (i %% 2500), i / 2500 + 1, now(), '{}'"
+        " FROM generate_series(%s::int, %s::int) i",
+        (first, first + count - 1),
+    )
+    conn.execute(
+        "INSERT INTO outbox.deliveries (consumer, event_id, subject, sequence, status,"
+        "                               next_attempt_at, delivered_at)"
+        " SELECT k, e.id, e.subject, e.sequence, %s::text,"
+        "        now() - interval '1 hour' + e.sequence * interval '1 ms',"
+        "        CASE WHEN %s::text = 'delivered' THEN now() END"
+        " FROM outbox.events e, unnest(ARRAY['we_a', 'reports']) k"
+        " WHERE e.id IN (SELECT 'evt_' || i FROM generate_series(%s::int, %s::int) i)",
+        (status, status, first, first + count - 1),
+    )
+
+
+@pytest.fixture(params=["with-history", "from-empty"])
+def drained_then_backlog(request: pytest.FixtureRequest, db_url: str) -> str:
+    """A queue vacuumed and analysed while it had nothing pending (with delivered history, or
+    with nothing at all), then a backlog of BACKLOG per consumer."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("INSERT INTO merchants (id, name) VALUES ('mer_x', 'x')")
+        conn.execute(
+            "INSERT INTO webhook_endpoints (id, merchant_id, url, event_types, secret)"
+            " VALUES ('we_a', 'mer_x', 'https://example.com/', '{*}', 'whsec_AAAA')"
+        )
+        conn.execute(
+            "INSERT INTO outbox.consumers (name, kind, merchant_id, event_types)"
+            " VALUES ('we_a', 'webhook', 'mer_x', '{*}')"
+        )
+        if request.param == "with-history":
+            _load(conn, 0, BACKLOG, "delivered")
+        for table in ("outbox.deliveries", "outbox.events", "outbox.consumers"):
+            conn.execute(f"VACUUM ANALYZE {table}")
+        _load(conn, BACKLOG, BACKLOG, "pending")
+        (pending_index_rows,) = conn.execute(
+            "SELECT reltuples FROM pg_class WHERE relname = 'ix_deliveries_subject_pending'"
+        ).fetchone() or (None,)
+        assert pending_index_rows == 0  # the belief the plans must survive
+    return db_url
+
+
+def _pages(conn: psycopg.Connection[Any], sql: str, params: dict[str, Any]) -> int:
+    """Shared pages the statement touched, under a generic plan; rolled back."""
+    conn.execute("SET plan_cache_mode = force_generic_plan")
+    row = conn.execute(
+        "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + sql, params, prepare=True
+    ).fetchone()
+    assert row is not None
+    plan = row[0][0]["Plan"]
+    pages = int(plan.get("Shared Hit Blocks", 0) + plan.get("Shared Read Blocks", 0))
+    conn.rollback()
+    return pages
+
+
+def test_queue_statements_stay_bounded_by_the_batch(drained_then_backlog: str) -> None:
+    url = drained_then_backlog
+    token = uuid.uuid4()
+    pages: dict[str, int] = {}
+    with psycopg.connect(url) as conn:
+        pages["claim_webhooks"] = _pages(conn, claim.CLAIM_WEBHOOKS, {
+            "consumers": ["we_a"], "rooms": [BATCH], "share": BATCH, "limit": 100,
+            "lease": 60, "token": token, "relay": "t",
+        })
+        pages["claim_for_handler"] = _pages(
+            conn, claim.CLAIM_FOR_HANDLER, {"consumer": "reports", "limit": BATCH}
+        )
+        pages["next_due"] = _pages(conn, claim.NEXT_DUE, {})
+
+    # Claimed for real, so completion, successors and release find leases.
+    with psycopg.connect(url, autocommit=True) as conn:
+        leased = conn.execute(
+            claim.CLAIM_WEBHOOKS,
+            {"consumers": ["we_a"], "rooms": [BATCH], "share": BATCH, "limit": 100,
+             "lease": 60, "token": token, "relay": "t"},
+        ).fetchall()
+    assert len(leased) == BATCH  # the claim returns what it says it claims
+    keys = [(row[0], row[2], row[4]) for row in leased]  # consumer, event id, subject
+    n = len(keys)
+    with psycopg.connect(url) as conn:
+        pages["complete_webhooks"] = _pages(conn, claim.COMPLETE_WEBHOOKS, {
+            "consumers": [k[0] for k in keys], "event_ids": [k[1] for k in keys],
+            "tokens": [token] * n, "outcomes": ["delivered"] * n, "delays": [0.0] * n,
+            "codes": [204] * n, "errors": [None] * n, "latencies": [1] * n,
+        })
+        pages["release"] = _pages(conn, claim.RELEASE, {
+            "consumers": [k[0] for k in keys], "event_ids": [k[1] for k in keys],
+            "tokens": [token] * n,
+        })
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(  # delivered: their successors become claimable
+            "UPDATE outbox.deliveries SET status = 'delivered', lease_token = NULL"
+            " WHERE lease_token = %s", (token,))
+    with psycopg.connect(url) as conn:
+        pages["claim_successors"] = _pages(conn, claim.CLAIM_SUCCESSORS, {
+            "consumers": [k[0] for k in keys], "subjects": [k[2] for k in keys],
+            "lease": 60, "token": uuid.uuid4(), "relay": "t",
+        })
+        handler_ids = [r[0] for r in conn.execute(
+            "SELECT event_id FROM outbox.deliveries WHERE consumer = 'reports'"
+            " AND status = 'pending' ORDER BY event_id LIMIT %s", (BATCH,))]
+        conn.rollback()
+        pages["complete_for_handler"] = _pages(
+            conn, claim.COMPLETE_FOR_HANDLER, {"consumer": "reports", "event_ids": handler_ids}
+        )
+    over = {name: p for name, p in pages.items() if p > MAX_PAGES}
+    assert not over, f"pages touched (limit {MAX_PAGES}): {pages}"
