@@ -719,6 +719,10 @@ class Relay:
                 await asyncio.wait_for(asyncio.shield(completer), _FINAL_WRITE_TIMEOUT)
             except TimeoutError:
                 log.warning("could not write all results before exiting")
+                # Stopped, not left running: its write would race the release below for the
+                # same rows (each waiting for the other's row locks).
+                completer.cancel()
+                await asyncio.gather(completer, return_exceptions=True)
         # Results never written go back too: their attempt is repeated by whoever claims next.
         unfinished += [r.claimed for r in self._results]
         unfinished += waiting + self._to_release
