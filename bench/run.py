@@ -173,24 +173,19 @@ WARMUP_PAYMENTS = 2_000
 async def _clean_outbox(run: Run) -> None:
     """Start a phase from an empty queue: deliveries and events of earlier phases go.
 
-    The queue tables are truncated but not analysed while empty: statistics that say "empty"
-    while a backlog builds make the claim plans quadratic (docs/benchmarks.md), a state a running
-    system leaves as soon as autovacuum has seen the backlog. `_analyze_queue` takes a backlog's
-    statistics, as autovacuum would have while it accumulated."""
+    The queue tables are then vacuumed and analysed while empty, which is what autovacuum leaves
+    after it has seen a drained queue, and the backlogs of the drain phases are not analysed:
+    they are measured with statistics that say the pending indexes hold nothing, the worst case
+    for the claim plans (docs/relay.md, "Claimable")."""
     assert run.db is not None
     async with await psycopg.AsyncConnection.connect(run.db.url, autocommit=True) as conn:
         await conn.execute("TRUNCATE outbox.deliveries, outbox.attempts, outbox.events")
         # outbox.sleepers stays: a live relay's row is what makes publishers wake it.
         for table in ("accounts", "payments", "ledger_entries", "idempotency_keys",
-                      "outbox.subjects", "daily_reports"):
+                      "outbox.subjects", "daily_reports", "outbox.deliveries", "outbox.events",
+                      "outbox.attempts"):
             await conn.execute(f"VACUUM ANALYZE {table}")
         await conn.execute("CHECKPOINT")
-
-
-async def _analyze_queue(run: Run) -> None:
-    assert run.db is not None
-    async with await psycopg.AsyncConnection.connect(run.db.url, autocommit=True) as conn:
-        await conn.execute("ANALYZE outbox.deliveries, outbox.events, outbox.subjects")
 
 
 # --- the API and its baseline -------------------------------------------------------------------
@@ -452,7 +447,6 @@ async def phase_handler(run: Run) -> None:
     run.say(f"handler drain: {cfg.jobs} payment.succeeded events for `reports` published with "
             f"no relay running; then {cfg.relays} relay(s), batch {cfg.relay_batch}")
     await _publish_backlog(run, cfg.jobs)
-    await _analyze_queue(run)
     meter = run.meter()
     run.relays = _start_relays(run, "h")
     meter.children.update({c.name: c.pid for c in run.relays.children})
@@ -529,7 +523,6 @@ async def phase_webhooks(run: Run) -> None:
         await conn.execute("UPDATE outbox.consumers SET enabled = false WHERE kind = 'handler'")
         try:
             await _publish_backlog(run, cfg.webhook_backlog)
-            await _analyze_queue(run)
             meter = run.meter()
             run.relays = _start_relays(run, "w")
             meter.children.update({c.name: c.pid for c in run.relays.children})
