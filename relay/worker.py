@@ -1,8 +1,9 @@
 """The relay: claims due deliveries, delivers them, completes them; sleeps when there is nothing.
 
 One main loop per process does the claiming (so it is the loop the systemd watchdog watches):
-each turn it runs one transaction per handler consumer (claim + apply + complete) and, side by
-side with those, claims webhook deliveries for the places it has free (docs/relay.md). Each
+each turn it claims webhook deliveries for the places it has free (docs/relay.md) and, unless one
+is still running, starts a batch of the handler consumers beside it as a task of its own (one
+transaction per handler consumer: claim + apply + complete), so neither waits for the other. Each
 webhook delivery then runs as its own task, bounded by `concurrency` and by a per-consumer share,
 so a slow or failing endpoint never holds up another. Results are written by a completer task in
 batches of whatever finished meanwhile, so a batch never waits for its slowest member.
@@ -127,6 +128,10 @@ class Relay:
         )
         self._handlers_polled = 0.0
         self._handlers_busy = True
+        self._handler_turn: asyncio.Task[tuple[int, bool]] | None = None
+        self._handlers_applied = 0  # by batches that finished since the loop last looked
+        self._handlers_retry_at = 0.0
+        self._handlers_backoff = 0.1
         self._results: list[Completion] = []
         self._results_ready = asyncio.Event()
         self._draining = False
@@ -271,28 +276,55 @@ class Relay:
             idle_wait = min(idle_wait * 2, MAX_WAIT)
 
     async def _step(self) -> tuple[bool, bool, bool]:
-        """One turn: (did work, may have more right now, waiting on busy slots).
+        """One turn: (did work, may have more right now, waiting on busy slots or on a handler
+        batch).
 
-        The handler consumers' transactions and the webhook claim run side by side, on their
-        own connections: a slow handler batch does not hold up webhook deliveries."""
+        A batch of the handler consumers runs as a task of its own beside the loop, on its own
+        connection, and the loop starts the next when it has finished: a slow handler batch holds
+        up neither the webhook claims nor the deliveries."""
+        self._start_handlers_turn()
+        progressed, more, blocked = await self._webhooks_turn()
+        applied, self._handlers_applied = self._handlers_applied, 0
+        running = self._handler_turn is not None
+        return progressed or applied > 0, more, blocked or running
+
+    def _start_handlers_turn(self) -> None:
+        """Start a batch of the handler consumers unless one runs: at once while they have work,
+        else at most every MIN_WAIT (finished webhook deliveries turn the loop far more often
+        than that), and not before a database error's backoff has passed."""
+        if not self._handlers or self._handler_turn is not None or self._stop.is_set():
+            return
         now = time.monotonic()
-        # Handler consumers are polled on every turn while they have work, else at most every
-        # MIN_WAIT: finished webhook deliveries turn the loop far more often than that.
-        poll = self._handlers_busy or now - self._handlers_polled >= MIN_WAIT
-        if not poll:
-            return await self._webhooks_turn()
+        if now < self._handlers_retry_at:
+            return
+        if not self._handlers_busy and now - self._handlers_polled < MIN_WAIT:
+            return
         self._handlers_polled = now
-        outcomes = await asyncio.gather(
-            self._handlers_turn(), self._webhooks_turn(), return_exceptions=True
-        )
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                raise outcome
-        handled, webhooks = outcomes
-        assert not isinstance(handled, BaseException) and not isinstance(webhooks, BaseException)
-        progressed, more, blocked = webhooks
-        applied, self._handlers_busy = handled
-        return progressed or applied > 0, more or self._handlers_busy, blocked
+        task = asyncio.create_task(self._handlers_turn(), name="handlers")
+        task.add_done_callback(self._handlers_turn_done)
+        self._handler_turn = task
+
+    def _handlers_turn_done(self, task: asyncio.Task[tuple[int, bool]]) -> None:
+        self._handler_turn = None
+        self._kick.set()
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is None:
+            applied, self._handlers_busy = task.result()
+            self._handlers_applied += applied
+            self._handlers_backoff = 0.1
+        elif isinstance(exc, _DB_ERRORS):
+            log.warning("database unavailable for the handler consumers, retrying in %.1f s: %s",
+                        self._handlers_backoff, _one(exc))
+            self._handlers_retry_at = time.monotonic() + self._handlers_backoff
+            self._handlers_backoff = min(self._handlers_backoff * 2, 5.0)
+            self._handlers_busy = True
+        else:
+            if self._failure is None:
+                self._failure = exc
+            log.error("handler consumers failed, stopping: %r", exc, exc_info=exc)
+            self.stop()
 
     async def _handlers_turn(self) -> tuple[int, bool]:
         """One batch of each handler consumer: (events applied, some consumer had a full batch
@@ -633,6 +665,9 @@ class Relay:
         if self._watchdog is None:
             return
         now = time.monotonic()
+        turn = self._handler_turn
+        if turn is not None and now - self._handlers_polled > 2 * self._watchdog:
+            return  # a handler batch stuck as long as the watchdog allows: let systemd see it
         if now - self._last_ping >= self._watchdog * 0.9:
             sdnotify.watchdog()
             self._last_ping = now
@@ -701,11 +736,15 @@ class Relay:
         outbox.sleepers."""
         waiting = [item for queue in self._ready.values() for _, item in queue]
         self._ready.clear()
-        tasks = list(self._inflight)
+        tasks: list[asyncio.Task[Any]] = list(self._inflight)
         if tasks:
             log.info("waiting for %d deliveries in flight", len(tasks))
+        if self._handler_turn is not None:
+            # A handler batch is one transaction: cancelled, it rolls back and is claimed again.
+            tasks.append(self._handler_turn)
+        if tasks:
             _, pending = await asyncio.wait(tasks, timeout=self.settings.shutdown_grace)
-            unfinished = [self._inflight[t] for t in pending]
+            unfinished = [self._inflight[t] for t in pending if t in self._inflight]
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)

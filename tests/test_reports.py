@@ -4,6 +4,7 @@ transaction."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 from collections.abc import Mapping, Sequence
 from datetime import UTC, date, datetime, timedelta
 
@@ -14,7 +15,14 @@ from outbox.envelope import Event
 from outbox.handlers import Handler, apply_reports
 from relay.settings import Settings
 from relay.worker import Relay
-from tests.relayhelpers import make_traffic, new_merchant, wait_until_delivered
+from tests.relayhelpers import (
+    add_endpoint,
+    make_traffic,
+    new_merchant,
+    wait_until_delivered,
+    webhook_expectations,
+)
+from tests.support.receiver import Receiver
 
 
 def _event(type_: str, amount: int, currency: str = "USD", merchant: str = "mer_a",
@@ -59,7 +67,8 @@ async def _run_relay(
     db_url: str, handlers: Mapping[str, Handler]
 ) -> tuple[Relay, asyncio.Task[int]]:
     settings = Settings(
-        database_url=db_url, retry_schedule=(0, 0.1, 0.1), purge_interval=timedelta(0)
+        database_url=db_url, retry_schedule=(0, 0.1, 0.1), purge_interval=timedelta(0),
+        allowed_networks=(ipaddress.ip_network("127.0.0.0/8"),),
     )
     relay = Relay(settings, handlers=handlers)
     task = asyncio.create_task(relay.run())
@@ -112,4 +121,52 @@ async def test_a_failing_event_is_isolated_retried_and_dead_lettered(db_url: str
         ("deposit.succeeded", "dead", 3, True),
         ("payment.succeeded", "delivered", 1, False),
     ]
+    assert total == (sum(traffic.payments.values()),)
+
+
+async def test_a_stuck_handler_batch_holds_up_no_webhook_delivery(
+    db_url: str, receiver: Receiver
+) -> None:
+    """The handler consumers' batch runs beside the claim loop: while one is stuck, webhooks
+    are still claimed and delivered; once it moves, every event is applied once."""
+    merchant = new_merchant(db_url)
+    endpoint = add_endpoint(db_url, receiver, merchant)
+    gate = asyncio.Event()
+    entered = asyncio.Event()
+
+    async def stuck(conn: AsyncConnection, events: Sequence[Event]) -> None:
+        entered.set()
+        await gate.wait()
+        await apply_reports(conn, events)
+
+    relay, task = await _run_relay(db_url, {"reports": stuck})
+    try:
+        traffic = await make_traffic(db_url, [merchant], 20, clients=2)
+        await asyncio.wait_for(entered.wait(), 30)
+        expected = webhook_expectations(db_url)[endpoint.id]
+        deadline = asyncio.get_running_loop().time() + 60
+        while True:
+            with psycopg.connect(db_url) as conn:
+                (delivered,) = conn.execute(
+                    "SELECT count(*) FROM outbox.deliveries"
+                    " WHERE consumer = %s AND status = 'delivered'", (endpoint.id,)
+                ).fetchone() or (0,)
+            if delivered == len(expected):
+                break
+            assert asyncio.get_running_loop().time() < deadline, (
+                f"{delivered}/{len(expected)} webhooks delivered while the handler was stuck"
+            )
+            await asyncio.sleep(0.1)
+        assert not gate.is_set()  # all of them while the handler batch was still waiting
+        gate.set()
+        await wait_until_delivered(db_url)
+    finally:
+        gate.set()
+        relay.stop()
+        assert await asyncio.wait_for(task, 60) == 0
+    receipts = receiver.receipts(endpoint.path)
+    assert all(r.verified for r in receipts)
+    assert {r.webhook_id for r in receipts} == expected
+    with psycopg.connect(db_url) as conn:
+        total = conn.execute("SELECT sum(payments_amount) FROM daily_reports").fetchone()
     assert total == (sum(traffic.payments.values()),)
