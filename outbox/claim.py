@@ -43,18 +43,21 @@ Outcome = Literal["delivered", "retry", "dead", "park"]
 # rescans a whole consumer per candidate) whose quals only ix_deliveries_subject_pending serves,
 # and lookups by key never mention `status`, so only the primary key serves them
 # (tests/test_queue_plans.py).
-_EARLIER_PENDING = """
+def _pending_in_subject(before_or_after: Literal["<", ">"]) -> str:
+    """A pending delivery of d's consumer and subject earlier (`<`) or later (`>`) than d."""
+    return f"""
     SELECT 1 FROM outbox.deliveries p
     WHERE p.consumer = d.consumer AND p.subject = d.subject
-      AND p.status = 'pending' AND p.sequence < d.sequence
+      AND p.status = 'pending' AND p.sequence {before_or_after} d.sequence
     OFFSET 0
 """
+
 
 _CLAIMABLE = f"""
       d.status = 'pending'
   AND d.next_attempt_at <= now()
   AND d.next_attempt_at < 'infinity'
-  AND NOT EXISTS ({_EARLIER_PENDING})
+  AND NOT EXISTS ({_pending_in_subject('<')})
 """
 
 _LEASE_AND_RETURN = """
@@ -170,7 +173,7 @@ WHERE consumer = %(consumer)s AND event_id = %(event_id)s
 # change for those whose lease is still ours, each with whether a later delivery of its subject
 # waits (in the statement's snapshot), which the relay then claims at once. A retry of a consumer
 # that was disabled meanwhile stays parked ('infinity') instead of being scheduled.
-COMPLETE_WEBHOOKS = """
+COMPLETE_WEBHOOKS = f"""
 WITH r AS (
     SELECT * FROM unnest(%(consumers)s::text[], %(event_ids)s::text[], %(tokens)s::uuid[],
                          %(outcomes)s::text[], %(delays)s::float8[], %(codes)s::int[],
@@ -200,11 +203,7 @@ SET attempts = d.attempts + 1,
     last_error = r.error
 FROM r
 WHERE d.consumer = r.consumer AND d.event_id = r.event_id AND d.lease_token = r.token
-RETURNING d.consumer, d.event_id,
-          EXISTS (SELECT 1 FROM outbox.deliveries n
-                  WHERE n.consumer = d.consumer AND n.subject = d.subject
-                    AND n.status = 'pending' AND n.sequence > d.sequence
-                  OFFSET 0)
+RETURNING d.consumer, d.event_id, EXISTS ({_pending_in_subject('>')})
 """
 
 # Gives back leases without an attempt: due again at once (unless parked meanwhile). A token

@@ -665,8 +665,7 @@ class Relay:
         if self._watchdog is None:
             return
         now = time.monotonic()
-        turn = self._handler_turn
-        if turn is not None and now - self._handlers_polled > 2 * self._watchdog:
+        if self._handler_turn is not None and now - self._handlers_polled > 2 * self._watchdog:
             return  # a handler batch stuck as long as the watchdog allows: let systemd see it
         if now - self._last_ping >= self._watchdog * 0.9:
             sdnotify.watchdog()
