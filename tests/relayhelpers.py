@@ -143,18 +143,26 @@ def webhook_expectations(db_url: str) -> dict[str, set[str]]:
     return out
 
 
-def delivery_counts(db_url: str) -> dict[str, int]:
+def delivery_counts(db_url: str, consumer: str | None = None) -> dict[str, int]:
+    """Deliveries by status, of every consumer or of `consumer`."""
     with psycopg.connect(db_url) as conn:
-        rows = conn.execute("SELECT status, count(*) FROM outbox.deliveries GROUP BY status")
+        rows = conn.execute(
+            "SELECT status, count(*) FROM outbox.deliveries"
+            " WHERE %(consumer)s::text IS NULL OR consumer = %(consumer)s::text GROUP BY status",
+            {"consumer": consumer},
+        )
         return dict(rows.fetchall())
 
 
-async def wait_until_delivered(db_url: str, within: float = 120.0) -> None:
-    """Until no delivery is pending (generous: the machine may be loaded)."""
+async def wait_until_delivered(
+    db_url: str, within: float = 120.0, consumer: str | None = None
+) -> None:
+    """Until no delivery (of `consumer`, if given) is pending (generous: the machine may be
+    loaded)."""
     deadline = time.monotonic() + within
     counts: dict[str, int] = {}
     while time.monotonic() < deadline:
-        counts = delivery_counts(db_url)
+        counts = delivery_counts(db_url, consumer)
         if not counts.get("pending"):
             return
         await asyncio.sleep(0.2)
