@@ -1,6 +1,6 @@
 """`paymentsctl`: the operator's command line.
 
-Exit codes (CONTRACT.md section 1): 0 success, 1 runtime failure, 2 bad usage. Every failure is
+Exit codes (docs/operations.md): 0 success, 1 runtime failure, 2 bad usage. Every failure is
 one line on stderr, `paymentsctl: error: …`; nothing here ever ends in a traceback, because the
 person reading it is on call and the script calling it parses stderr.
 

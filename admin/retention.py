@@ -11,8 +11,8 @@ What goes:
 `outbox.subjects` is never touched: its counters keep sequences gap-free after a purge.
 
 Work is done in batches, each its own short transaction: a long DELETE would hold back vacuum on
-the very table the relays claim from (DESIGN.md, "Keep every transaction short"). Rows are taken
-with SKIP LOCKED so a purge never waits on, or blocks, a relay.
+the very table the relays claim from, and the dead tuples it keeps slow every claim. Rows are
+taken with SKIP LOCKED so a purge never waits on, or blocks, a relay.
 
 The relay calls `purge` on a timer; `paymentsctl outbox purge` calls it by hand. It is blocking
 (psycopg sync): from asyncio, run it in a thread with its own connection,

@@ -1,4 +1,4 @@
-"""Standard Webhooks signatures (CONTRACT.md section 4).
+"""Standard Webhooks signatures (docs/api.md, Webhooks).
 
 `webhook-signature: v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">`, keyed with the
 base64-decoded part of the endpoint's `whsec_` secret. While a rotated-out secret is still valid

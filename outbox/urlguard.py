@@ -1,4 +1,4 @@
-"""The webhook URL guard: where a webhook may be sent (CONTRACT.md section 4).
+"""The webhook URL guard: where a webhook may be sent (docs/api.md, URL rules).
 
 A URL is accepted when its scheme is `https` and every address its host resolves to is a public
 unicast address, or when every address lies inside one of the operator's allowed networks

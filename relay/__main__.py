@@ -1,4 +1,4 @@
-"""`outbox-relay`: the relay daemon (CONTRACT.md sections 1 and 5).
+"""`outbox-relay`: the relay daemon (docs/relay.md, docs/operations.md).
 
 Exit status: 0 after a clean stop (SIGTERM or SIGINT), 1 when it failed, 2 for bad usage or
 configuration. A second SIGINT exits at once (130), leaving leases to expire.

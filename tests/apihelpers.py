@@ -1,4 +1,4 @@
-"""Helpers for the HTTP API acceptance tests (CONTRACT.md sections 2 and 3).
+"""Helpers for the HTTP API acceptance tests (docs/api.md).
 
 `Api` wraps a `TestClient` (or any httpx-like client) with one merchant's key; the database
 helpers open their own short autocommit connections, so they see every commit of the app and
@@ -208,7 +208,7 @@ ENVELOPE = {"specversion", "id", "source", "type", "subject", "sequence", "time"
 
 
 def assert_envelope(event: Json) -> None:
-    """A CloudEvents 1.0 structured-mode event as CONTRACT.md section 3 shows it."""
+    """A CloudEvents 1.0 structured-mode event as docs/api.md (Events) shows it."""
     assert ENVELOPE <= set(event), event
     assert event["specversion"] == "1.0"
     assert isinstance(event["id"], str) and event["id"].startswith("evt_")

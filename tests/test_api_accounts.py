@@ -1,4 +1,4 @@
-"""Accounts and their ledger entries through the HTTP API (CONTRACT.md section 2)."""
+"""Accounts and their ledger entries through the HTTP API (docs/api.md)."""
 
 from __future__ import annotations
 

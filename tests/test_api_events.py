@@ -1,4 +1,4 @@
-"""The events API and the events of every money movement (CONTRACT.md section 3), read back through
+"""The events API and the events of every money movement (docs/api.md, Events), read back through
 GET /v1/events: CloudEvents envelope, newest first, `type` filter, pagination, per-subject
 sequences 1, 2, 3 ... and the account.balance_changed chain."""
 

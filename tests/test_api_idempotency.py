@@ -1,4 +1,4 @@
-"""Idempotency-Key on every POST (CONTRACT.md section 2): replay, reuse, the racing case, stored
+"""Idempotency-Key on every POST (docs/api.md, Idempotency): replay, reuse, the racing case, stored
 business failures, malformed requests not stored, key length 1..255."""
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from tests.apihelpers import (
     start_api,
 )
 
-CONTRACT_ROUTES = {
+PROMISED_ROUTES = {
     ("post", "/v1/accounts"),
     ("get", "/v1/accounts"),
     ("get", "/v1/accounts/{}"),
@@ -92,7 +92,7 @@ def test_openapi_31_documents_every_route(api: Api) -> None:
             if method in ("get", "post", "patch", "delete", "put"):
                 documented.add((method, normalised))
                 assert operation.get("responses"), (method, path)
-    missing = CONTRACT_ROUTES - documented
+    missing = PROMISED_ROUTES - documented
     assert not missing, f"routes missing from openapi.json: {sorted(missing)}"
 
 

@@ -264,7 +264,7 @@ def test_nul_characters_are_400_not_500(db_url: str, api: Api) -> None:
 
 def test_recover_reports_how_many_deliveries_it_requeued(db_url: str, api: Api) -> None:
     """POST /v1/webhook_endpoints/{id}/recover answers {requeued: N}, N >= 0 the number of dead
-    deliveries put back to pending (CONTRACT.md section 2)."""
+    deliveries put back to pending (docs/api.md)."""
     source = api.funded_account(1_000)["id"]
     endpoint = created(api.post("/v1/webhook_endpoints", {"url": PUBLIC_URL, "event_types": ["*"]}))
     path = f"/v1/webhook_endpoints/{endpoint['id']}/recover"

@@ -9,7 +9,7 @@
   lease is gone) and it carries on.
 - Receivers that hang past OUTBOX_HTTP_TIMEOUT, reset the connection, answer 429 with
   Retry-After, 500, 410 and 3xx, all at once beside a healthy endpoint: each gets the contract's
-  behaviour (CONTRACT.md section 4) and the healthy endpoint gets every event once, first time.
+  behaviour (docs/api.md, Webhooks) and the healthy endpoint gets every event once, first time.
   Each behaviour alone is in tests/test_relay_delivery.py; docs/reliability.md lists both.
 - An endpoint disabled (by a 410) while an event for it is being committed: that event's
   delivery must be parked like the others, not left pending and due behind a disabled consumer

@@ -174,7 +174,7 @@ def test_the_off_switch_keeps_everything(
 def test_sigterm_during_a_purge_still_stops_within_the_grace(
     db_url: str, tmp_path: Path
 ) -> None:
-    """CONTRACT.md section 5: on SIGTERM the relay exits 0 within 30 s. A purge that is still
+    """docs/operations.md: on SIGTERM the relay exits 0 within 30 s. A purge that is still
     running must not hold the exit: here it waits on a lock (as a long purge of a big backlog
     runs on), and the relay must be gone within OUTBOX_SHUTDOWN_GRACE and a few seconds."""
     merchant = new_merchant(db_url)

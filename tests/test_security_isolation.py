@@ -4,7 +4,7 @@ Merchant A owns one of every kind of object; merchant B calls every documented o
 ids, in the path and in every id field of the body, and with A's ids as list cursors. The routes
 come from `/openapi.json`, so a route added there is attacked here without editing this file.
 
-What must hold (CONTRACT.md section 2):
+What must hold (docs/api.md):
 - every request of B that names one of A's objects answers 404 `not_found`, and its response is the
   one B gets for an id that never existed (same status, code, param, title and detail once the id
   is masked): existence is not observable;

@@ -1,5 +1,5 @@
 """API keys: stored hashed, several per merchant, revocable with `paymentsctl key revoke`, rotated
-without a failed request; anything that is not a live key answers 401 (CONTRACT.md section 2).
+without a failed request; anything that is not a live key answers 401 (docs/api.md, Authentication).
 
 Keys are made and revoked by the installed `paymentsctl`, as an operator would, against the
 database the API serves.

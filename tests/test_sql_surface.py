@@ -1,4 +1,4 @@
-"""What an operator sees at a psql prompt: documented objects and the two views (CONTRACT §6)."""
+"""What an operator sees at a psql prompt: documented objects and the two views (docs/operations.md)."""
 
 from __future__ import annotations
 

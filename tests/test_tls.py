@@ -134,7 +134,7 @@ def test_certificate_without_key_is_a_usage_error(tmp_path: Path) -> None:
 
 
 def test_unreadable_certificate_is_one_readable_line_and_exit_1(tmp_path: Path) -> None:
-    """CONTRACT.md section 1: runtime failures exit 1 with one readable line on stderr."""
+    """docs/operations.md: runtime failures exit 1 with one readable line on stderr."""
     tls = make_cert(tmp_path)
     missing = tmp_path / "missing.crt"
     garbage = tmp_path / "garbage.crt"

@@ -1,7 +1,7 @@
 """Hostile webhook URLs, refused by the guard itself (`check_url`, `check_url_async`) and by the
 API where merchants register them (`POST /v1/webhook_endpoints`, `PATCH` with `url`).
 
-CONTRACT.md section 4: `https://` only, never into private, loopback, link-local or metadata
+docs/api.md (URL rules): `https://` only, never into private, loopback, link-local or metadata
 networks, except inside OUTBOX_WEBHOOK_ALLOWED_NETWORKS (where `http://` is allowed too).
 
 Names are resolved by a fake resolver (socket.getaddrinfo patched for `*.example` names), so a name
