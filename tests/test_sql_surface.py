@@ -1,4 +1,5 @@
-"""What an operator sees at a psql prompt: documented objects and the two views (docs/operations.md)."""
+"""What an operator sees at a psql prompt: documented objects and the two views
+(docs/operations.md)."""
 
 from __future__ import annotations
 
