@@ -14,7 +14,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from ledger.merchants import NewKey
 from outbox.signing import new_secret
-from receiver import BackfillError, EventsApi, Inbox
+from receiver import BackfillError, EventsApi, Inbox, sequence_number
 from receiver.migrate import migrate
 from tests.apihelpers import execute, live_server, new_merchant, query
 from tests.receiverhelpers import (
@@ -68,8 +68,8 @@ def account_history(api_url: str, key: str, deposits: int) -> list[Json]:
             if not page["has_more"]:
                 break
             params["starting_after"] = page["data"][-1]["id"]
-    events.sort(key=lambda e: e["sequence"])
-    assert [e["sequence"] for e in events] == list(range(1, deposits + 2))
+    events.sort(key=lambda e: sequence_number(e["sequence"]))
+    assert [sequence_number(e["sequence"]) for e in events] == list(range(1, deposits + 2))
     return events
 
 
