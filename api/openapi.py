@@ -353,7 +353,11 @@ def document() -> dict[str, Any]:
             "get": _get(
                 "List events, newest first",
                 _list_of("Event"),
-                [{"name": "type", "in": "query", "schema": {"type": "string"}}, *_LIST_PARAMS],
+                [
+                    {"name": "type", "in": "query", "schema": {"type": "string"}},
+                    {"name": "subject", "in": "query", "schema": _ID},
+                    *_LIST_PARAMS,
+                ],
             )
         },
         "/v1/events/{id}": {"get": _get("Retrieve an event", _ref("Event"), [_ID_PARAM])},

@@ -1,4 +1,5 @@
-"""The events API: the merchant's outbox events in their CloudEvents envelope, newest first."""
+"""The events API: the merchant's outbox events in their CloudEvents envelope, newest first,
+filtered by `type` and by `subject`."""
 
 from __future__ import annotations
 
@@ -57,6 +58,11 @@ async def list_events(request: Request) -> Response:
         else:
             where += " AND type = %s"
             params.append(pattern)
+    subject = request.query_params.get("subject")
+    if subject is not None:
+        # The subject's events: the unique index on (subject, sequence) finds them.
+        where += " AND subject = %s"
+        params.append(validate.object_id(subject, "subject"))
 
     async def run(conn: AsyncConnection, merchant: Merchant) -> Result:
         return 200, await fetch_page(
