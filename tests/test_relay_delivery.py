@@ -176,6 +176,77 @@ async def test_retry_after_is_honoured(
     await wait_until_delivered(db_url)
 
 
+async def test_a_2xx_is_a_delivery_whatever_its_headers_say(
+    db_url: str, receiver: Receiver, make_relay: MakeRelay
+) -> None:
+    """Retry-After means something only on 429 and 503, and there only ASCII digits or an
+    HTTP-date; nothing a receiver puts in its headers may turn an answer into an error."""
+    merchant = new_merchant(db_url)
+    ok = add_endpoint(db_url, receiver, merchant, ["payment.succeeded"])
+    busy = add_endpoint(db_url, receiver, merchant, ["payment.succeeded"])
+    odd = ["①", "²", "１２", "9" * 400, "-1", "soon", "Fri, 31 Feb 2026 12:00:30 GMT"]
+    receiver.respond(
+        ok.path,
+        *[Reply(200, retry_after=value) for value in odd],
+        Reply(200, headers={"Content-Encoding": "gzip"}, body=b"not gzip at all"),
+    )
+    # A 503 whose Retry-After is no number: the schedule's wait (0.2 s), not an error.
+    receiver.respond(busy.path, Reply(503, retry_after="①"))
+    events = len(odd) + 1
+    relay = make_relay().wait_ready()
+    await make_traffic(db_url, [merchant], events, clients=1)
+    await wait_until_delivered(db_url)
+
+    with psycopg.connect(db_url) as conn:
+        first_time = conn.execute(
+            "SELECT attempts, last_status_code, last_error FROM outbox.deliveries"
+            " WHERE consumer = %s",
+            (ok.id,),
+        ).fetchall()
+        busy_log = conn.execute(
+            "SELECT status_code, error FROM outbox.attempts WHERE consumer = %s ORDER BY id",
+            (busy.id,),
+        ).fetchall()
+    assert first_time == [(1, 200, None)] * events
+    assert len(receiver.receipts(ok.path)) == events
+    assert busy_log == [(503, "HTTP 503")] + [(204, None)] * events
+    assert "sender failed" not in relay.log()
+
+
+async def test_requests_ask_for_no_compression(
+    db_url: str, receiver: Receiver, make_relay: MakeRelay
+) -> None:
+    """The relay reads answers raw and never decompresses them, so it does not ask for gzip."""
+    merchant = new_merchant(db_url)
+    endpoint = add_endpoint(db_url, receiver, merchant, ["payment.succeeded"])
+    make_relay().wait_ready()
+    await make_traffic(db_url, [merchant], 1, clients=1)
+    [receipt] = await receiver.wait_for_async(1, path=endpoint.path, timeout=30)
+    assert receipt.headers.get("accept-encoding") == "identity"
+
+
+async def test_an_interim_answer_without_a_final_one_is_recorded_as_such(
+    db_url: str, receiver: Receiver, make_relay: MakeRelay
+) -> None:
+    merchant = new_merchant(db_url)
+    endpoint = add_endpoint(db_url, receiver, merchant, ["payment.succeeded"])
+    receiver.respond(endpoint.path, Reply(204, informational=102, delay=30), Reply(204, delay=30))
+    make_relay(env={"OUTBOX_HTTP_TIMEOUT": "2", "OUTBOX_RETRY_SCHEDULE": "0,0.2,0.2"}).wait_ready()
+    await make_traffic(db_url, [merchant], 1, clients=1)
+    await wait_until_delivered(db_url)
+    with psycopg.connect(db_url) as conn:
+        log = conn.execute(
+            "SELECT status_code, error FROM outbox.attempts WHERE consumer = %s ORDER BY id",
+            (endpoint.id,),
+        ).fetchall()
+    assert log == [
+        (None, "timed out after 2 s waiting for a final answer: the endpoint sent only an"
+               " informational (1xx) response"),
+        (None, "timed out after 2 s"),  # no interim answer at all: a plain timeout
+        (204, None),
+    ]
+
+
 async def test_410_disables_the_endpoint_and_enabling_resumes(
     db_url: str, receiver: Receiver, make_relay: MakeRelay
 ) -> None:

@@ -89,3 +89,25 @@ def test_parse_retry_after() -> None:
     assert parse_retry_after("soon") is None
     assert parse_retry_after(None) is None
     assert parse_retry_after("-5") is None
+    assert parse_retry_after(" 7 ") == 7
+    assert parse_retry_after("9" * 5000) == 86400  # float(), unlike int(), takes any length
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["①", "²", "１２", "٣", "1.5", "1e3", "+5", "0x10", "",
+     # Dates that are not HTTP-dates (RFC 9110 section 5.6.7), though email.utils reads them:
+     "27 Nov 2026 12:00:30 GMT", "Fri, 27 Nov 2026 12:00:30 +0000", "Fri, 31 Feb 2026 12:00:30 GMT",
+     "Fri, 27 Nov 2026 25:00:00 GMT", "Fri, ２７ Nov 2026 12:00:30 GMT"],
+)
+def test_retry_after_is_ascii_digits_or_an_http_date_and_never_raises(value: str) -> None:
+    assert parse_retry_after(value) is None
+
+
+def test_retry_after_accepts_the_three_http_date_forms() -> None:
+    now = datetime(2026, 11, 27, 12, 0, 0, tzinfo=UTC)
+    for value in ("Fri, 27 Nov 2026 12:01:00 GMT", "Friday, 27-Nov-26 12:01:00 GMT",
+                  "Fri Nov 27 12:01:00 2026"):
+        assert parse_retry_after(value, now) == 60, value
+    # A two-digit year more than 50 years ahead is in the past.
+    assert parse_retry_after("Sunday, 06-Nov-94 08:49:37 GMT", now) == 0
