@@ -46,13 +46,12 @@ from relay import sdnotify
 from relay.listener import Listener
 from relay.metrics import Metrics
 from relay.retry import Attempt, decide
-from relay.settings import Settings
+from relay.settings import QUEUE_WAIT_LIMIT, Settings
 from relay.webhook import WebhookSender
 
 log = logging.getLogger("relay")
 
 MIN_WAIT = 0.05
-READY_FRESH_FOR = 2.0
 READY_DEPTH = 4
 CHECK_IDLE_AFTER = 1.0
 MAX_WAIT = 1.0
@@ -119,9 +118,9 @@ class Relay:
         self._hold_limit = READY_DEPTH * settings.concurrency
         self._min_claim = max(1, self._consumer_limit // 2)
         # A claimed delivery that waited longer than this for a slot goes back (released), so an
-        # endpoint disabled meanwhile gets at most a few seconds' worth of buffered attempts.
-        self._fresh_for = max(0.5, min(READY_FRESH_FOR, settings.lease_seconds
-                                       - settings.http_timeout - 1))
+        # endpoint disabled meanwhile gets at most a few seconds' worth of buffered attempts, and
+        # the lease (relay/settings.py) covers the wait and the attempt.
+        self._fresh_for = QUEUE_WAIT_LIMIT
         self._to_release: list[Claimed] = []
         self._returned_at: weakref.WeakKeyDictionary[psycopg.AsyncConnection[Any], float] = (
             weakref.WeakKeyDictionary()

@@ -330,6 +330,54 @@ async def test_failing_endpoint_does_not_slow_another(
     assert receiver.peak_in_flight <= 8
 
 
+async def test_an_attempt_that_runs_to_the_full_timeout_is_never_sent_twice(
+    db_url: str, receiver: Receiver, make_relay: MakeRelay
+) -> None:
+    """Two relays with the shortest lease the settings accept; every request hangs past the
+    timeout and the schedule allows one attempt, so each event must arrive exactly once. An
+    attempt lasts longer than OUTBOX_HTTP_TIMEOUT (aiohttp rounds deadlines of 5 s or more up to
+    the next second, and the delivery may first wait in its relay's queue): a lease that ended
+    before it would let the other relay claim the delivery and send it again meanwhile."""
+    from relay.settings import Settings, SettingsError
+
+    timeout = 5.5
+    lease = timeout
+    while True:
+        lease += 0.5
+        try:
+            Settings.from_env({"OUTBOX_HTTP_TIMEOUT": str(timeout),
+                               "OUTBOX_LEASE_SECONDS": str(lease)})
+            break
+        except SettingsError:
+            continue
+    merchant = new_merchant(db_url)
+    endpoint = add_endpoint(db_url, receiver, merchant, ["account.created"])
+    receiver.set_default(endpoint.path, Reply(204, delay=60))
+    env = {"OUTBOX_HTTP_TIMEOUT": str(timeout), "OUTBOX_LEASE_SECONDS": str(lease),
+           "OUTBOX_RETRY_SCHEDULE": "0"}
+    for _ in range(2):
+        make_relay(env=env).wait_ready()
+    from ledger import service
+
+    events = 10
+    async with await psycopg.AsyncConnection.connect(db_url) as conn:
+        for _ in range(events):
+            # One at a time, so the attempts start at different fractions of a second and end
+            # anywhere up to a second after the timeout.
+            async with conn.transaction():
+                await service.create_account(conn, service.Merchant(merchant), "USD", {})
+            await asyncio.sleep(0.1)
+    try:
+        await wait_until_delivered(db_url, within=60)
+    finally:
+        arrivals = receiver.ids(endpoint.path)
+        assert len(arrivals) == len(set(arrivals)), (
+            f"{len(arrivals) - len(set(arrivals))} requests sent again while the first attempt"
+            " was still running")
+    assert len(arrivals) == events
+    assert delivery_counts(db_url, endpoint.id) == {"dead": events}
+
+
 async def test_sigterm_releases_leases_and_exits_zero(
     db_url: str, receiver: Receiver, make_relay: MakeRelay
 ) -> None:
@@ -380,6 +428,7 @@ def test_bad_configuration_exits_2(db_url: str, tmp_path: Path) -> None:
     cases = [
         ({"OUTBOX_RETRY_SCHEDULE": "0,x"}, []),
         ({"OUTBOX_HTTP_TIMEOUT": "30", "OUTBOX_LEASE_SECONDS": "10"}, []),
+        ({"OUTBOX_HTTP_TIMEOUT": "5.5", "OUTBOX_LEASE_SECONDS": "6"}, []),
         ({"OUTBOX_WEBHOOK_ALLOWED_NETWORKS": "not-a-net"}, []),
         ({}, ["--concurrency", "0"]),
         ({}, ["--log-format", "xml"]),

@@ -25,7 +25,7 @@ def test_environment_is_parsed() -> None:
             "DATABASE_URL": "postgresql://db/payments",
             "OUTBOX_RETRY_SCHEDULE": "0, 0.2,0.4",
             "OUTBOX_HTTP_TIMEOUT": "2.5",
-            "OUTBOX_LEASE_SECONDS": "5",
+            "OUTBOX_LEASE_SECONDS": "8",
             "OUTBOX_WEBHOOK_ALLOWED_NETWORKS": "127.0.0.0/8, ::1/128",
             "OUTBOX_PURGE_INTERVAL": "off",
             "OUTBOX_RETENTION": "12h",
@@ -34,7 +34,7 @@ def test_environment_is_parsed() -> None:
         batch_size=10,
     )
     assert s.retry_schedule == (0, 0.2, 0.4)
-    assert (s.http_timeout, s.lease_seconds) == (2.5, 5)
+    assert (s.http_timeout, s.lease_seconds) == (2.5, 8)
     assert [str(n) for n in s.allowed_networks] == ["127.0.0.0/8", "::1/128"]
     assert (s.purge_interval, s.retention) == (timedelta(0), timedelta(hours=12))
     assert (s.concurrency, s.batch_size) == (4, 10)
@@ -47,6 +47,9 @@ def test_environment_is_parsed() -> None:
         {"OUTBOX_RETRY_SCHEDULE": "0,,1"},
         {"OUTBOX_HTTP_TIMEOUT": "nan"},
         {"OUTBOX_LEASE_SECONDS": "10", "OUTBOX_HTTP_TIMEOUT": "10"},
+        # Longer than the timeout, but not than an attempt can last with its wait in the queue.
+        {"OUTBOX_LEASE_SECONDS": "15", "OUTBOX_HTTP_TIMEOUT": "10"},
+        {"OUTBOX_LEASE_SECONDS": "20", "OUTBOX_HTTP_TIMEOUT": "15"},
         {"OUTBOX_PURGE_INTERVAL": "soon"},
         {"DATABASE_URL": "postgresql://h/?bogus_option=1"},
     ],
@@ -71,6 +74,12 @@ def test_decide_follows_the_schedule_with_jitter_that_never_shortens() -> None:
     assert decide(Attempt(410, "HTTP 410", 1), 0, SCHEDULE) == ("park", 0.0)
     assert decide(Attempt(None, "timeout", 1), 0, SCHEDULE, rng)[0] == "retry"
     assert decide(Attempt(302, "HTTP 302", 1), 2, SCHEDULE) == ("dead", 0.0)
+
+
+def test_the_lease_covers_the_timeout_the_queue_wait_and_a_margin() -> None:
+    assert Settings.from_env({"OUTBOX_HTTP_TIMEOUT": "15", "OUTBOX_LEASE_SECONDS": "20.5"})
+    with pytest.raises(SettingsError, match="must be greater than 20 "):
+        Settings.from_env({"OUTBOX_HTTP_TIMEOUT": "15", "OUTBOX_LEASE_SECONDS": "20"})
 
 
 def test_retry_after_replaces_the_wait_on_429_and_503_only() -> None:
