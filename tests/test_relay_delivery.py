@@ -295,6 +295,53 @@ async def test_410_disables_the_endpoint_and_enabling_resumes(
     assert len(receiver.accepted(gone.path)) == 1
 
 
+async def test_re_enabling_delivers_what_was_pending_not_what_was_published_meanwhile(
+    db_url: str, receiver: Receiver, make_relay: MakeRelay
+) -> None:
+    """docs/relay.md, 410 Gone: the events published while an endpoint was disabled were never
+    queued for it; recover does not bring them either; the events API has them."""
+    from ledger import service
+    from outbox.consumers import disable_consumer, enable_consumer, redrive_dead
+
+    merchant = new_merchant(db_url)
+    endpoint = add_endpoint(db_url, receiver, merchant, ["account.created"])
+
+    async def account() -> str:
+        async with await psycopg.AsyncConnection.connect(db_url) as conn:
+            async with conn.transaction():
+                created = await service.create_account(conn, service.Merchant(merchant), "USD",
+                                                       {})
+            cur = await conn.execute(
+                "SELECT id FROM outbox.events WHERE subject = %s", (created["id"],))
+            row = await cur.fetchone()
+            assert row is not None
+            return str(row[0])
+
+    pending = await account()  # queued while no relay runs
+    async with await psycopg.AsyncConnection.connect(db_url) as conn:
+        async with conn.transaction():
+            assert await disable_consumer(conn, endpoint.id, "disabled by the test")
+    meanwhile = await account()
+    async with await psycopg.AsyncConnection.connect(db_url) as conn:
+        async with conn.transaction():
+            assert await enable_consumer(conn, endpoint.id)
+    make_relay().wait_ready()
+    await receiver.wait_for_async(1, path=endpoint.path, timeout=30)
+    await wait_until_delivered(db_url)
+    assert receiver.ids(endpoint.path) == [pending]
+    async with await psycopg.AsyncConnection.connect(db_url) as conn:
+        async with conn.transaction():
+            assert await redrive_dead(conn, endpoint.id) == 0
+        cur = await conn.execute(
+            "SELECT count(*) FROM outbox.deliveries WHERE consumer = %s AND event_id = %s",
+            (endpoint.id, meanwhile))
+        assert await cur.fetchone() == (0,)
+        cur = await conn.execute(  # what GET /v1/events lists for the merchant
+            "SELECT id FROM outbox.events WHERE merchant_id = %s AND type = 'account.created'"
+            " ORDER BY id", (merchant,))
+        assert [r[0] for r in await cur.fetchall()] == sorted([pending, meanwhile])
+
+
 async def test_redirects_are_failures(
     db_url: str, receiver: Receiver, make_relay: MakeRelay
 ) -> None:
