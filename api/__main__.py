@@ -31,6 +31,12 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--port must be between 1 and 65535")
     if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
         parser.error("--ssl-certfile and --ssl-keyfile go together")
+    from api.routes_webhooks import endpoints_per_merchant
+
+    try:
+        endpoints_per_merchant()
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.ssl_certfile:
         try:
             ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(

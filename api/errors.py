@@ -17,6 +17,7 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "UnsupportedMediaType",
+    "WebhookEndpointLimit",
     "problem",
 ]
 
@@ -57,6 +58,12 @@ class Unavailable(LedgerError):
     status = 503
     code = "unavailable"
     title = "Service unavailable"
+
+
+class WebhookEndpointLimit(LedgerError):
+    status = 409
+    code = "webhook_endpoint_limit_reached"
+    title = "Webhook endpoint limit reached"
 
 
 class MethodNotAllowed(LedgerError):

@@ -193,7 +193,7 @@ _PROBLEM_CODES = {
     401: "unauthenticated",
     402: "insufficient_funds or risk_declined",
     404: "not_found",
-    409: "idempotency_key_in_use or refund_exceeds_payment",
+    409: "idempotency_key_in_use, refund_exceeds_payment or webhook_endpoint_limit_reached",
     413: "payload_too_large",
     415: "unsupported_media_type",
     422: "idempotency_key_reused",

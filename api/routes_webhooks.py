@@ -1,7 +1,11 @@
 """Webhook endpoints: each one is also an outbox consumer (named by its id) that receives the
 merchant's events matching its `event_types`. The signing secret is shown only at creation and
 when it is rotated; a rotation keeps the old secret valid for an overlap window, during which the
-relay signs every request with both (Standard Webhooks allows several signatures)."""
+relay signs every request with both (Standard Webhooks allows several signatures).
+
+A merchant may have at most OUTBOX_WEBHOOK_ENDPOINTS_PER_MERCHANT endpoints (16 by default, as
+Stripe allows per account): the relay shares its slots between merchants first and then between a
+merchant's endpoints (docs/relay.md), and the cap bounds what one merchant costs every claim."""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from api import uow, validate
-from api.errors import InvalidRequest
+from api.errors import InvalidRequest, WebhookEndpointLimit
 from api.http import json_body
 from api.lists import fetch_one, fetch_page
 from ledger.ids import new_id
@@ -29,6 +33,8 @@ _COLUMNS = "id, url, event_types, description, status, created_at"
 DELIVERY_STATUSES = ("pending", "delivered", "dead")
 ROTATION_OVERLAP_DEFAULT = 24 * 3600
 ROTATION_OVERLAP_MAX = 7 * 24 * 3600
+ENDPOINTS_PER_MERCHANT_VARIABLE = "OUTBOX_WEBHOOK_ENDPOINTS_PER_MERCHANT"
+ENDPOINTS_PER_MERCHANT_DEFAULT = 16
 
 
 def _endpoint(row: tuple[Any, ...], secret: str | None = None) -> dict[str, Any]:
@@ -48,6 +54,18 @@ def _endpoint(row: tuple[Any, ...], secret: str | None = None) -> dict[str, Any]
 
 def _allowed_networks() -> str:
     return os.environ.get("OUTBOX_WEBHOOK_ALLOWED_NETWORKS", "")
+
+
+def endpoints_per_merchant() -> int:
+    """The cap on a merchant's webhook endpoints, from the environment. Raises ValueError with a
+    readable message when the value is not a whole number >= 1 (`payments-api` checks it before
+    it serves)."""
+    raw = os.environ.get(ENDPOINTS_PER_MERCHANT_VARIABLE, "").strip()
+    if not raw:
+        return ENDPOINTS_PER_MERCHANT_DEFAULT
+    if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:
+        raise ValueError(f"{ENDPOINTS_PER_MERCHANT_VARIABLE}={raw!r} must be a whole number >= 1")
+    return int(raw)
 
 
 async def _check_url(value: Any) -> str:
@@ -77,7 +95,23 @@ async def create_endpoint(request: Request) -> Response:
     event_types = validate.event_types(validate.required(body, "event_types"))
     description = validate.optional_text(body, "description")
 
+    limit = endpoints_per_merchant()
+
     async def run(conn: AsyncConnection, merchant: Merchant) -> Result:
+        # The merchant's row lock serialises its endpoint creations, so two at once cannot both
+        # see room for one. NO KEY UPDATE: the key-share locks of the merchant's payments (their
+        # foreign keys) do not conflict with it.
+        await conn.execute(
+            "SELECT 1 FROM merchants WHERE id = %s FOR NO KEY UPDATE", (merchant.id,)
+        )
+        cur = await conn.execute(
+            "SELECT count(*) FROM webhook_endpoints WHERE merchant_id = %s", (merchant.id,)
+        )
+        row = await cur.fetchone()
+        if row is not None and row[0] >= limit:
+            raise WebhookEndpointLimit(
+                f"A merchant may have at most {limit} webhook endpoints; delete one first."
+            )
         endpoint_id = new_id("we")
         secret = new_secret()
         cur = await conn.execute(

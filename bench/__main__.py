@@ -24,7 +24,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench",
         description="Benchmarks side by side: the API against pgbench running the same "
-        "transaction, the relay against pgqueuer, end-to-end webhook latency. Creates and drops "
+        "transaction, the relay against pgqueuer, end-to-end webhook latency, and one "
+        "merchant's latency beside another's hanging endpoints (fairness). Creates and drops "
         "its own databases on the local PostgreSQL (DATABASE_URL's server).",
     )
     p.add_argument("--quick", action="store_true", help="shorter phases (under 5 minutes)")

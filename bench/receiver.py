@@ -1,9 +1,10 @@
 """The webhook receiver: answers 204 at once and records when each webhook-id arrived.
 
 Runs as its own process (`python -m bench.receiver --port P`), so its CPU is not the harness's.
-It keeps (webhook-id, wall-clock arrival) per request and the first few requests whole, for the
-signature check; the harness reads them over `GET /_stats`, `GET /_arrivals`, `GET /_samples`
-and clears them with `POST /_reset`.
+It keeps (webhook-id, wall-clock arrival, path) per request and the first few requests whole,
+for the signature check; the harness reads them over `GET /_stats`, `GET /_arrivals`,
+`GET /_samples` and clears them with `POST /_reset`. Paths under `/hang/` never answer in time:
+they hold the request for HANG_SECONDS (an endpoint that hangs past any sender's timeout).
 """
 
 from __future__ import annotations
@@ -20,12 +21,14 @@ import orjson
 from aiohttp import web
 
 _KEEP_SAMPLES = 20
+HANG_SECONDS = 600.0
 
 
 class Receiver:
     def __init__(self) -> None:
         self.ids: list[str] = []
         self.times: list[float] = []
+        self.paths: list[str] = []
         self.samples: list[dict[str, str]] = []
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -37,7 +40,10 @@ class Receiver:
         webhook_id = request.headers.get("webhook-id", "")
         self.ids.append(webhook_id)
         self.times.append(now)
-        if len(self.samples) < _KEEP_SAMPLES:
+        self.paths.append(path)
+        if path.startswith("/hang/"):
+            await asyncio.sleep(HANG_SECONDS)
+        elif len(self.samples) < _KEEP_SAMPLES:
             self.samples.append({
                 "id": webhook_id,
                 "timestamp": request.headers.get("webhook-timestamp", ""),
@@ -56,11 +62,11 @@ class Receiver:
                 "last": self.times[-1] if self.times else None,
             }
         elif path == "/_arrivals":
-            data = {"ids": self.ids, "times": self.times}
+            data = {"ids": self.ids, "times": self.times, "paths": self.paths}
         elif path == "/_samples":
             data = {"samples": self.samples}
         elif path == "/_reset" and request.method == "POST":
-            self.ids, self.times, self.samples = [], [], []
+            self.ids, self.times, self.paths, self.samples = [], [], [], []
             data = {"ok": True}
         else:
             return web.Response(status=404)

@@ -14,6 +14,8 @@ TARGETS = (
     ("webhooks_vs_pgqueuer_throughput", "webhook deliveries/s >= 1 x pgqueuer throughput",
      1.0, True),
     ("e2e_p99_ms", "end-to-end p99 <= 50 ms at 300 payments/s", 50.0, False),
+    ("fairness_b_p99_ms", "another merchant's p99 < 1 s beside 4 hanging endpoints", 1000.0,
+     False),
 )
 
 
@@ -61,12 +63,23 @@ def build(meta: Json, results: Json, usage: Json, config: Json, notes: list[str]
             "webhook_deliveries_per_s": _get(results, "webhooks", "deliveries_per_s"),
             "e2e_p50_ms": _get(results, "e2e", "p50_ms"),
             "e2e_p99_ms": _get(results, "e2e", "p99_ms"),
+            "fairness_b_p99_ms": _get(results, "fairness", "b_p99_ms"),
         },
         "peer": {
             "pgqueuer_drain_jobs_per_s": drain,
             "pgqueuer_throughput_jobs_per_s": throughput,
         },
     }
+    fairness = results.get("fairness")
+    if fairness:
+        out["fairness"] = {
+            "relays": fairness["relays"],
+            "b_p50_ms": fairness["b_p50_ms"],
+            "b_p99_ms": fairness["b_p99_ms"],
+            "b_max_ms": fairness["b_max_ms"],
+            "a_first_attempts_within_s": fairness["a_first_attempts_within_s"],
+            "a_retry_late_p99_s": fairness["a_retry_late_p99_s"],
+        }
     wakeup = results.get("wakeup")
     if wakeup:
         out["wakeup"] = {
@@ -81,6 +94,7 @@ def build(meta: Json, results: Json, usage: Json, config: Json, notes: list[str]
         "webhooks_vs_pgqueuer_throughput": _ratio(out["relay"]["webhook_deliveries_per_s"],
                                                   throughput),
         "e2e_p99_ms": out["relay"]["e2e_p99_ms"],
+        "fairness_b_p99_ms": out["relay"]["fairness_b_p99_ms"],
     }
     out["targets"] = {}
     for key, text, threshold, higher in TARGETS:
@@ -137,6 +151,14 @@ def markdown(doc: Json) -> str:
     lines.append(
         f"| End-to-end p50 / p99 ms at 300/s | {_fmt(relay['e2e_p50_ms'], 1)} / "
         f"{_fmt(relay['e2e_p99_ms'], 1)} | | | p99 <= 50 | {holds('e2e_p99_ms')} |")
+    f = doc.get("fairness")
+    if f:
+        lines.append(
+            f"| Fairness: another merchant's p50 / p99 ms beside 4 hanging endpoints "
+            f"({f['relays']} relay(s)) | {_fmt(f['b_p50_ms'], 1)} / {_fmt(f['b_p99_ms'], 1)} | "
+            f"hanging endpoints: first attempts within {_fmt(f['a_first_attempts_within_s'], 1)}"
+            f" s, retries late p99 {_fmt(f['a_retry_late_p99_s'], 2)} s | | p99 < 1000 | "
+            f"{holds('fairness_b_p99_ms')} |")
     w = doc.get("wakeup")
     if w:
         lines.append(

@@ -10,11 +10,14 @@
  7. webhook drain: a backlog of webhook deliveries to the receiver
  8. pgqueuer throughput: enqueue and dequeue together
  9. end to end: 300 payments/s offered through the API, commit -> 204 at the receiver
+10. fairness: one merchant's four endpoints hang past a short timeout with a backlog while
+    another merchant's events flow: the other merchant's latency, the hanging ones' schedule
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import signal
 import sys
@@ -54,6 +57,12 @@ class Config:
     e2e_rate: float = 300.0
     e2e_seconds: float = 40.0
     relays: int = 1
+    fairness_timeout: float = 2.0
+    fairness_retry_wait: float = 10.0
+    fairness_backlog: int = 30
+    fairness_rate: float = 10.0
+    fairness_events: int = 200
+    fairness_burst: int = 40
     relay_concurrency: int = 32
     relay_batch: int = 100
     pgqueuer_drivers: tuple[str, ...] = ("apg", "psy")
@@ -662,6 +671,140 @@ async def phase_e2e(run: Run) -> None:
             f"({len(first)}/{expected} delivered; API p99 {e2e['api_p99_ms']:.1f} ms)")
 
 
+# --- fairness -----------------------------------------------------------------------------------
+
+FAIR_HANGING = 4
+
+
+async def phase_fairness(run: Run) -> None:
+    """Merchant A has FAIR_HANGING endpoints that never answer within a short
+    OUTBOX_HTTP_TIMEOUT and a backlog of `fairness_backlog` account.created events for each,
+    published before the relays start; merchant B has one endpoint that answers at once and
+    creates accounts through the API at `fairness_rate`/s, with a burst of `fairness_burst` in
+    the middle, from the moment the relays made their first attempt. B's latency runs from the
+    event's `time` (its transaction) to the arrival at the receiver; A's first attempts are
+    timed from the first attempt A got at all, and each retry against the moment it was due
+    (its previous attempt's end plus the schedule's wait)."""
+    cfg = run.config
+    assert run.db is not None and run.receiver is not None and run.api is not None
+    if run.relays is not None:
+        run.relays.stop()
+        run.relays = None
+    await _clean_outbox(run)
+    await run.receiver.reset()
+    port = run.api.port
+    host = f"{HOST}:{port}"
+    _, a_key = database.create_merchant(run.db, "fairness A")
+    _, b_key = database.create_merchant(run.db, "fairness B")
+    hanging = [f"/hang/{n}" for n in range(FAIR_HANGING)]
+    created: list[tuple[str, str]] = []
+    for key, path in [(a_key, p) for p in hanging] + [(b_key, "/fast")]:
+        body = orjson.dumps({"url": run.receiver.base + path, "event_types": ["account.created"]})
+        [(status, answer)] = await httpload.run_all(HOST, port, [httpload.render(
+            "POST", "/v1/webhook_endpoints", host, body, {"Authorization": f"Bearer {key}"})], 1)
+        if status != 201:
+            raise RuntimeError(f"creating a webhook endpoint answered {status}: {answer[:300]!r}")
+        created.append((key, orjson.loads(answer)["id"]))
+
+    def account(key: str) -> bytes:
+        return httpload.render("POST", "/v1/accounts", host, b'{"currency":"USD"}',
+                               {"Authorization": f"Bearer {key}"})
+
+    for status, answer in await httpload.run_all(
+            HOST, port, [account(a_key) for _ in range(cfg.fairness_backlog)], 8):
+        if status != 201:
+            raise RuntimeError(f"creating an account answered {status}: {answer[:300]!r}")
+    timeout = cfg.fairness_timeout
+    schedule = ",".join(["0"] + [f"{cfg.fairness_retry_wait:g}"] * 9)
+    env = {"OUTBOX_HTTP_TIMEOUT": f"{timeout:g}",
+           "OUTBOX_LEASE_SECONDS": f"{timeout + 10:g}", "OUTBOX_RETRY_SCHEDULE": schedule}
+    run.say(f"fairness: merchant A's {FAIR_HANGING} endpoints hang past a {timeout:g} s timeout "
+            f"with {cfg.fairness_backlog} events each; merchant B sends {cfg.fairness_events} "
+            f"accounts at {cfg.fairness_rate:g}/s and a burst of {cfg.fairness_burst}; "
+            f"{cfg.relays} relay(s), --concurrency {cfg.relay_concurrency}")
+    meter = run.meter()
+    run.relays = Relays(run.db.url, cfg.relays, cfg.relay_concurrency, cfg.relay_batch,
+                        cfg.log_dir, "f", env)
+    meter.children.update({c.name: c.pid for c in run.relays.children})
+    deadline = time.monotonic() + 60
+    while int((await run.receiver.stats())["count"]) == 0:  # the relays are up and working
+        if time.monotonic() > deadline:
+            raise TimeoutError("the relays attempted nothing within 60 s")
+        await asyncio.sleep(0.05)
+
+    def make_b() -> httpload.Request:
+        return account(b_key), None
+
+    async def burst() -> None:
+        await asyncio.sleep(cfg.fairness_events / cfg.fairness_rate / 2)
+        await httpload.run_all(HOST, port,
+                               [account(b_key) for _ in range(cfg.fairness_burst)], 8)
+
+    steady, _ = await asyncio.gather(
+        httpload.open_loop(HOST, port, make_b, cfg.fairness_rate,
+                           cfg.fairness_events / cfg.fairness_rate, 8, 201),
+        burst())
+    b_total = steady.ok(201) + cfg.fairness_burst
+    a_attempts = 2 * FAIR_HANGING * cfg.fairness_backlog  # every A event's second attempt
+    deadline = time.monotonic() + 120
+    while True:
+        arrivals = await run.receiver.arrivals()
+        paths: list[str] = arrivals["paths"]
+        b_seen = sum(1 for p in paths if p == "/fast")
+        if b_seen >= b_total and len(paths) - b_seen >= a_attempts:
+            break
+        if time.monotonic() > deadline:
+            run.notes.append(f"fairness: {b_seen}/{b_total} of B's events and "
+                             f"{len(paths) - b_seen}/{a_attempts} of A's attempts within 120 s")
+            break
+        await asyncio.sleep(0.2)
+    run.usage["fairness"] = meter.stop().as_dict()
+    run.relays.stop()
+    run.relays = None
+    for key, endpoint_id in created:  # the hanging endpoints must not outlive the phase
+        await httpload.run_all(HOST, port, [httpload.render(
+            "DELETE", f"/v1/webhook_endpoints/{endpoint_id}", host, b"",
+            {"Authorization": f"Bearer {key}"})], 1)
+
+    async with await psycopg.AsyncConnection.connect(run.db.url, autocommit=True) as conn:
+        cur = await conn.execute(
+            "SELECT id, extract(epoch FROM time)::float8 FROM outbox.events WHERE id = ANY(%s)",
+            (sorted(set(arrivals["ids"])),))
+        event_time: dict[str, float] = dict(await cur.fetchall())
+    b_ms: list[float] = []
+    tries: dict[tuple[str, str], list[float]] = {}
+    for event_id, t, path in zip(arrivals["ids"], arrivals["times"], paths, strict=True):
+        if path == "/fast":
+            b_ms.append((t - event_time[event_id]) * 1000)
+        else:
+            tries.setdefault((path, event_id), []).append(t)
+    a_started = min((ts[0] for ts in tries.values()), default=float("nan"))
+    first_s = [ts[0] - max(event_time[e], a_started) for (_, e), ts in tries.items()]
+    retry_late_s = [later - (earlier + timeout + cfg.fairness_retry_wait)
+                    for ts in tries.values() for earlier, later in itertools.pairwise(ts)]
+    b_ids = [e for e, p in zip(arrivals["ids"], paths, strict=True) if p == "/fast"]
+    run.results["fairness"] = {
+        "relays": cfg.relays, "relay_concurrency": cfg.relay_concurrency,
+        "http_timeout_s": timeout, "retry_wait_s": cfg.fairness_retry_wait,
+        "hanging_endpoints": FAIR_HANGING, "backlog_per_endpoint": cfg.fairness_backlog,
+        "b_events": b_total, "b_delivered": len(set(b_ids)),
+        "b_duplicates": len(b_ids) - len(set(b_ids)),
+        "b_p50_ms": httpload.percentile(b_ms, 50), "b_p99_ms": httpload.percentile(b_ms, 99),
+        "b_max_ms": max(b_ms) if b_ms else float("nan"),
+        "a_attempts": sum(len(ts) for ts in tries.values()),
+        "a_first_attempts_within_s": max(first_s) if first_s else float("nan"),
+        "a_retries": len(retry_late_s),
+        "a_retry_late_p50_s": httpload.percentile(retry_late_s, 50),
+        "a_retry_late_p99_s": httpload.percentile(retry_late_s, 99),
+        "a_retry_late_max_s": max(retry_late_s) if retry_late_s else float("nan"),
+    }
+    f = run.results["fairness"]
+    run.say(f"fairness: B p50 {f['b_p50_ms']:.0f} ms, p99 {f['b_p99_ms']:.0f} ms, max "
+            f"{f['b_max_ms']:.0f} ms ({f['b_delivered']}/{b_total}); A: first attempts within "
+            f"{f['a_first_attempts_within_s']:.1f} s, retries late p50 "
+            f"{f['a_retry_late_p50_s']:.2f} s, p99 {f['a_retry_late_p99_s']:.2f} s")
+
+
 PHASES = {
     "api": phase_api,
     "pgbench": phase_pgbench,
@@ -671,6 +814,7 @@ PHASES = {
     "webhooks": phase_webhooks,
     "pgqueuer_throughput": phase_pgqueuer_throughput,
     "e2e": phase_e2e,
+    "fairness": phase_fairness,
 }
 
 

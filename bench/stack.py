@@ -119,7 +119,8 @@ class Receiver:
             "receiver", [sys.executable, "-m", "bench.receiver", "--port", str(self.port)],
             None, log_dir,
         )
-        self.url = f"http://{HOST}:{self.port}/hook"
+        self.base = f"http://{HOST}:{self.port}"
+        self.url = f"{self.base}/hook"
 
     async def ready(self) -> None:
         await _wait_http(self.child, self.port, "/_stats", 30)
@@ -161,11 +162,12 @@ class Relays:
         batch_size: int,
         log_dir: Path,
         tag: str,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.url = url
         self.children: list[Child] = []
         env = {"DATABASE_URL": url, "OUTBOX_WEBHOOK_ALLOWED_NETWORKS": ALLOWED_NETWORKS,
-               "OUTBOX_PURGE_INTERVAL": "0"}
+               "OUTBOX_PURGE_INTERVAL": "0", **(env or {})}
         for i in range(count):
             argv = [_bin("outbox-relay"), "--concurrency", str(concurrency),
                     "--batch-size", str(batch_size)]

@@ -83,11 +83,16 @@ _WEBHOOK_CONSUMER = """
 # Each enabled webhook consumer is claimed on its own, through ix_deliveries_claim (consumer,
 # next_attempt_at), up to the room it has left in this relay (`rooms`, default `share`): a
 # consumer at its share costs one index probe instead of a walk past its whole backlog, and a claim
-# never takes more than the relay keeps. The oldest due deliveries across consumers win the
-# overall `limit`.
+# never takes more than the relay keeps. The overall `limit` is then dealt out in turns, not by
+# age: each merchant's candidates are numbered by turn (its consumers' oldest first, then their
+# second oldest, ...), a merchant's turns start after what it already holds in this relay
+# (`merchants`: held, room; default none held, room `merchant_share`) and stop at its room, and
+# the lowest turns win. So a merchant's backlog, however old, cannot crowd another merchant's
+# fresh event out of a claim, and merchants holding little here come first (relay/fairness.py).
 CLAIM_WEBHOOKS = f"""
-WITH c AS (
-    SELECT x.consumer, x.event_id
+WITH x AS (
+    SELECT x.consumer, x.event_id, x.next_attempt_at, k.merchant_id,
+           row_number() OVER (PARTITION BY k.name ORDER BY x.next_attempt_at) AS nth
     FROM outbox.consumers k
     LEFT JOIN unnest(%(consumers)s::text[], %(rooms)s::int[]) AS r(consumer, room)
       ON r.consumer = k.name
@@ -100,7 +105,19 @@ WITH c AS (
         FOR UPDATE OF d SKIP LOCKED
     ) x
     WHERE k.kind = 'webhook' AND k.enabled AND coalesce(r.room, %(share)s) > 0
-    ORDER BY x.next_attempt_at
+), t AS (
+    SELECT x.consumer, x.event_id, x.next_attempt_at, x.merchant_id,
+           row_number() OVER (PARTITION BY x.merchant_id ORDER BY x.nth, x.next_attempt_at)
+               AS turn
+    FROM x
+), c AS (
+    SELECT t.consumer, t.event_id
+    FROM t
+    LEFT JOIN unnest(%(merchants)s::text[], %(merchant_held)s::int[], %(merchant_rooms)s::int[])
+        AS m(merchant_id, held, room)
+      ON m.merchant_id = t.merchant_id
+    WHERE t.turn <= coalesce(m.room, %(merchant_share)s)
+    ORDER BY coalesce(m.held, 0) + t.turn, t.next_attempt_at
     LIMIT %(limit)s
 )
 {_LEASE_AND_RETURN}"""
@@ -312,18 +329,26 @@ async def claim_webhooks(
     relay: str,
     share: int | None = None,
     rooms: Mapping[str, int] | None = None,
+    merchant_share: int | None = None,
+    merchants: Mapping[str, tuple[int, int]] | None = None,
 ) -> list[Claimed]:
     """Claim up to `limit` due webhook deliveries and commit: at most `rooms[consumer]` of a
-    consumer listed there, at most `share` (default `limit`) of any other.
+    consumer listed there, at most `share` (default `limit`) of any other; of a merchant listed
+    in `merchants` (held here, room) at most its room, of any other `merchant_share` (default
+    `limit`); dealt out in turns across merchants (CLAIM_WEBHOOKS).
 
     `conn` must be in autocommit mode: the claim is its own transaction."""
     token = uuid.uuid4()
     rooms = rooms or {}
+    merchants = merchants or {}
     cur = await conn.execute(
         CLAIM_WEBHOOKS,
         {"consumers": list(rooms), "rooms": list(rooms.values()),
-         "share": limit if share is None else share, "limit": limit, "lease": lease_seconds,
-         "token": token, "relay": relay},
+         "share": limit if share is None else share,
+         "merchants": list(merchants), "merchant_held": [h for h, _ in merchants.values()],
+         "merchant_rooms": [r for _, r in merchants.values()],
+         "merchant_share": limit if merchant_share is None else merchant_share,
+         "limit": limit, "lease": lease_seconds, "token": token, "relay": relay},
     )
     rows = await cur.fetchall()
     return [

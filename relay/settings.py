@@ -16,6 +16,16 @@ from outbox.urlguard import Network, parse_networks
 
 DEFAULT_RETRY_SCHEDULE = "0,5,300,1800,7200,18000,36000,50400,72000,86400"
 
+# What a lease must cover beyond OUTBOX_HTTP_TIMEOUT, so that no attempt is still running (or its
+# 2xx still unrecorded) when the lease runs out and another relay claims the delivery again:
+# - the wait of a claimed delivery in its relay's queue: one that waited longer is given back
+#   instead of sent (relay/worker.py);
+# - the attempt's overrun: aiohttp rounds deadlines of 5 s or more up to the next whole second;
+# - the claim's and the completion's round trips, and a loaded machine's scheduling delays.
+QUEUE_WAIT_LIMIT = 2.0
+ATTEMPT_OVERRUN = 1.0
+LEASE_SLACK = 2.0
+
 
 class SettingsError(ValueError):
     """Bad configuration: the daemon exits 2 with this message."""
@@ -57,6 +67,11 @@ def _duration(environ: Mapping[str, str], name: str, default: str) -> timedelta:
         raise SettingsError(f"{name}: {exc}") from None
 
 
+def min_lease_seconds(http_timeout: float) -> float:
+    """The lease must be longer than this (see QUEUE_WAIT_LIMIT)."""
+    return http_timeout + QUEUE_WAIT_LIMIT + ATTEMPT_OVERRUN + LEASE_SLACK
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     database_url: str = DEFAULT_DATABASE_URL
@@ -90,10 +105,13 @@ class Settings:
         env = os.environ if environ is None else environ
         http_timeout = _seconds(env, "OUTBOX_HTTP_TIMEOUT", "15", minimum=0.001)
         lease = _seconds(env, "OUTBOX_LEASE_SECONDS", "60", minimum=1)
-        if lease <= http_timeout:
+        shortest = min_lease_seconds(http_timeout)
+        if lease <= shortest:
             raise SettingsError(
-                f"OUTBOX_LEASE_SECONDS ({lease:g}) must be greater than OUTBOX_HTTP_TIMEOUT "
-                f"({http_timeout:g}), or a slow attempt would be delivered twice"
+                f"OUTBOX_LEASE_SECONDS ({lease:g}) must be greater than {shortest:g}"
+                f" (OUTBOX_HTTP_TIMEOUT {http_timeout:g} + {QUEUE_WAIT_LIMIT:g} s of queue wait"
+                f" + {ATTEMPT_OVERRUN + LEASE_SLACK:g} s of margin), or an attempt still running"
+                " when the lease ends would be sent again by another relay"
             )
         try:
             networks = parse_networks(env.get("OUTBOX_WEBHOOK_ALLOWED_NETWORKS", ""))

@@ -1,27 +1,47 @@
 """Sending one webhook attempt: Standard Webhooks headers, the URL guard, one aiohttp pool.
 
 Errors are translated here, at the boundary, into an `Attempt`: "no answer" (connection refused,
-timeout, refused URL) has no status code; "answered" carries the status. Nothing raises out of
-`send` except cancellation.
+timeout, refused URL) has no status code; "answered" carries the status. The status line is the
+answer: a 2xx is a delivery whatever the headers or the body after it say, and `Retry-After` is
+read only on 429 and 503. Nothing raises out of `send` except cancellation.
 """
 
 from __future__ import annotations
 
+import asyncio
 import binascii
 import time
+from contextvars import ContextVar
+from typing import Any
 
 import aiohttp
 
 from outbox.claim import Claimed
 from outbox.signing import secret_key, sign_all
 from outbox.urlguard import GuardedResolver, Target, UrlRefused, check_address, parse_url
-from relay.retry import Attempt, parse_retry_after
+from relay.retry import RETRY_AFTER_STATUSES, Attempt, parse_retry_after
 from relay.settings import Settings
 
 CONTENT_TYPE = "application/cloudevents+json"
 USER_AGENT = "payments-outbox-relay/1"
 _READ_LIMIT = 64 * 1024
 _REMEMBERED_URLS = 10_000
+
+# The interim-response futures of the attempt running in this task (see _NotingResponse).
+_interim: ContextVar[list[asyncio.Future[bool]] | None] = ContextVar("interim", default=None)
+
+
+class _NotingResponse(aiohttp.ClientResponse):
+    """aiohttp skips informational (1xx) responses while it waits for the final one, and marks
+    the skip only on a future it keeps for `Expect: 100-continue`. Giving every response such a
+    future lets `send` tell "timed out after a 1xx" from "timed out with no answer at all"."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        interim = _interim.get()
+        if interim is not None and self._continue is None:
+            self._continue = asyncio.get_running_loop().create_future()
+            interim.append(self._continue)
 
 
 class WebhookSender:
@@ -47,8 +67,11 @@ class WebhookSender:
             self._sessions[plain_http] = aiohttp.ClientSession(
                 connector=connector,
                 timeout=timeout,
-                headers={"User-Agent": USER_AGENT},
+                # Bodies are read raw and thrown away: ask for none compressed (aiohttp would
+                # offer gzip and deflate, and no Accept-Encoding at all means "any").
+                headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
                 auto_decompress=False,
+                response_class=_NotingResponse,
             )
         return self
 
@@ -105,24 +128,36 @@ class WebhookSender:
             "webhook-signature": sign_all(keys, claimed.event.id, timestamp, body),
         }
         session = self._sessions[target.plain_http]
+        interim: list[asyncio.Future[bool]] = []
+        _interim.set(interim)  # each attempt runs in a task of its own
         started = time.monotonic()
         try:
             async with session.post(
                 claimed.url, data=body, headers=headers, allow_redirects=False
             ) as response:
-                await response.content.read(_READ_LIMIT)
                 status = response.status
-                retry_after = parse_retry_after(response.headers.get("Retry-After"))
+                retry_after = (parse_retry_after(response.headers.get("Retry-After"))
+                               if status in RETRY_AFTER_STATUSES else None)
+                try:
+                    # Read (a bounded part) so the connection can be reused.
+                    await response.content.read(_READ_LIMIT)
+                except (aiohttp.ClientError, TimeoutError, OSError):
+                    pass  # the status line was the answer; a body that breaks off changes nothing
         except UrlRefused as exc:
             return Attempt(None, f"URL refused: {exc}", _ms(started))
         except TimeoutError:
-            return Attempt(
-                None, f"timed out after {self._settings.http_timeout:g} s", _ms(started)
-            )
+            waited = f"timed out after {self._settings.http_timeout:g} s"
+            if any(f.done() for f in interim):
+                waited += (" waiting for a final answer: the endpoint sent only an informational"
+                           " (1xx) response")
+            return Attempt(None, waited, _ms(started), unanswered=True)
         except aiohttp.ClientError as exc:
-            return Attempt(None, _describe(exc), _ms(started))
+            refused = _refused(exc)
+            if refused is not None:
+                return Attempt(None, refused, _ms(started))
+            return Attempt(None, _describe(exc), _ms(started), unanswered=True)
         except OSError as exc:
-            return Attempt(None, f"{type(exc).__name__}: {exc}", _ms(started))
+            return Attempt(None, f"{type(exc).__name__}: {exc}", _ms(started), unanswered=True)
         latency = _ms(started)
         if 200 <= status < 300:
             return Attempt(status, None, latency)
@@ -135,9 +170,15 @@ def _ms(started: float) -> int:
     return int((time.monotonic() - started) * 1000)
 
 
-def _describe(exc: aiohttp.ClientError) -> str:
+def _refused(exc: aiohttp.ClientError) -> str | None:
+    """The guard's refusal at connect time (the resolver's answer was not allowed), if it is one:
+    no request went out, so it says nothing about the endpoint's health."""
     if isinstance(exc, aiohttp.ClientConnectorError) and isinstance(exc.os_error, UrlRefused):
         return f"URL refused: {exc.os_error}"
+    return None
+
+
+def _describe(exc: aiohttp.ClientError) -> str:
     text = str(exc) or type(exc).__name__
     return f"{type(exc).__name__}: {text}"[:500]
 

@@ -4,9 +4,11 @@ One main loop per process does the claiming (so it is the loop the systemd watch
 each turn it claims webhook deliveries for the places it has free (docs/relay.md) and, unless one
 is still running, starts a batch of the handler consumers beside it as a task of its own (one
 transaction per handler consumer: claim + apply + complete), so neither waits for the other. Each
-webhook delivery then runs as its own task, bounded by `concurrency` and by a per-consumer share,
-so a slow or failing endpoint never holds up another. Results are written by a completer task in
-batches of whatever finished meanwhile, so a batch never waits for its slowest member.
+webhook delivery then runs as its own task, bounded by `concurrency`; which one starts when a slot
+is free is relay/fairness.py's choice (merchants first, then their endpoints, slow ones shrunk),
+so a slow or failing endpoint never holds up another merchant's. Results are written by a
+completer task in batches of whatever finished meanwhile, so a batch never waits for its slowest
+member.
 
 Waking: the loop polls with a backoff (50 ms growing to 1 s) and wakes early on NOTIFY (see
 listener.py), when a delivery finishes, and when the next retry or lease comes due. Before it
@@ -28,7 +30,6 @@ import random
 import socket
 import time
 import weakref
-from collections import Counter, deque
 from collections.abc import Coroutine, Mapping
 from typing import Any
 
@@ -43,16 +44,16 @@ from outbox.consumers import disable_consumer
 from outbox.envelope import Event
 from outbox.handlers import HANDLERS, Handler
 from relay import sdnotify
+from relay.fairness import FairShare
 from relay.listener import Listener
 from relay.metrics import Metrics
 from relay.retry import Attempt, decide
-from relay.settings import Settings
+from relay.settings import QUEUE_WAIT_LIMIT, Settings
 from relay.webhook import WebhookSender
 
 log = logging.getLogger("relay")
 
 MIN_WAIT = 0.05
-READY_FRESH_FOR = 2.0
 READY_DEPTH = 4
 CHECK_IDLE_AFTER = 1.0
 MAX_WAIT = 1.0
@@ -105,23 +106,17 @@ class Relay:
         self._stop = asyncio.Event()
         self._kick = asyncio.Event()
         self._inflight: dict[asyncio.Task[None], Claimed] = {}
-        self._per_consumer: Counter[str] = Counter()
-        # A consumer's share of the slots: one slow endpoint leaves the rest to the others.
-        self._consumer_limit = max(1, settings.concurrency // 2)
-        # Claimed deliveries waiting for a slot, per consumer (at most a share each), with when
-        # they were claimed: a finished delivery starts the next one without a database round
-        # trip, and the claims that refill this come in batches.
-        self._ready: dict[str, deque[tuple[float, Claimed]]] = {}
-        # What a relay holds (in flight plus waiting): READY_DEPTH times the slots, and as much
-        # per consumer for its share. Claims wait until this many places are free (a consumer:
-        # this much room), so each claim (a transaction, a WAL flush) brings a batch.
-        self._consumer_hold = READY_DEPTH * self._consumer_limit
-        self._hold_limit = READY_DEPTH * settings.concurrency
-        self._min_claim = max(1, self._consumer_limit // 2)
-        # A claimed delivery that waited longer than this for a slot goes back (released), so an
-        # endpoint disabled meanwhile gets at most a few seconds' worth of buffered attempts.
-        self._fresh_for = max(0.5, min(READY_FRESH_FOR, settings.lease_seconds
-                                       - settings.http_timeout - 1))
+        # Claimed deliveries wait here for a slot, queued per endpoint, and this decides which
+        # starts next: a finished delivery starts the next one without a database round trip,
+        # and the claims that refill the queues come in batches. It holds READY_DEPTH times the
+        # slots (in flight plus waiting); a delivery that waited QUEUE_WAIT_LIMIT for a slot
+        # goes back (released), so an endpoint disabled meanwhile gets at most a few seconds'
+        # worth of buffered attempts, and the lease (relay/settings.py) covers wait and attempt.
+        self._share = FairShare(settings.concurrency, depth=READY_DEPTH,
+                                queue_wait=QUEUE_WAIT_LIMIT)
+        # Claims wait until this many places are free, so each claim (a transaction, a WAL
+        # flush) brings a batch.
+        self._min_claim = max(1, settings.concurrency // 4)
         self._to_release: list[Claimed] = []
         self._returned_at: weakref.WeakKeyDictionary[psycopg.AsyncConnection[Any], float] = (
             weakref.WeakKeyDictionary()
@@ -337,92 +332,55 @@ class Relay:
             busy = busy or n >= self.settings.batch_size
         return applied, busy
 
-    @property
-    def _buffered(self) -> int:
-        return sum(len(waiting) for waiting in self._ready.values())
-
-    def _held(self) -> Counter[str]:
-        """Deliveries held here per consumer: in flight plus waiting for a slot."""
-        held = Counter(self._per_consumer)
-        for consumer, waiting in self._ready.items():
-            held[consumer] += len(waiting)
-        return held
-
     async def _webhooks_turn(self) -> tuple[bool, bool, bool]:
-        held = len(self._inflight) + self._buffered
-        free = self._hold_limit - held
+        held = self._share.held
+        free = self._share.hold_cap - held
         if free < self._min_claim and held:
             return False, False, True
-        rooms = self._rooms()
         limit = min(free, self.settings.batch_size)
-        claimed = await self._claim(limit, rooms)
+        claimed = await self._claim(limit)
         if claimed:
             return True, len(claimed) >= limit, False
-        return False, False, bool(rooms)
+        return False, False, held > 0
 
-    def _rooms(self) -> dict[str, int]:
-        """What each consumer with deliveries held here (in flight or waiting) may still claim,
-        up to `_consumer_hold`. Room below `_min_claim` counts as none, so claims come in batches
-        rather than one per finished delivery. Consumers not listed may claim all of it."""
-        rooms: dict[str, int] = {}
-        for consumer, held in self._held().items():
-            room = self._consumer_hold - held
-            rooms[consumer] = room if room >= self._min_claim else 0
-        return rooms
-
-    async def _claim(self, limit: int, rooms: dict[str, int]) -> list[Claimed]:
+    async def _claim(self, limit: int) -> list[Claimed]:
         assert self._pool is not None
+        rooms = self._share.rooms()
         async with self._pool.connection(timeout=_GETCONN_TIMEOUT) as conn:
             claimed = await claim.claim_webhooks(
                 conn,
                 limit=limit,
                 lease_seconds=self.settings.lease_seconds,
                 relay=self.name,
-                share=self._consumer_hold,
-                rooms=rooms,
+                share=rooms.consumer_default,
+                rooms=rooms.consumers,
+                merchant_share=rooms.merchant_default,
+                merchants=rooms.merchants,
             )
         self._hold(claimed)
         return claimed
 
     def _hold(self, claimed: list[Claimed]) -> None:
-        """Queue claimed deliveries for their consumer's slots and start what fits."""
-        now = time.monotonic()
-        for item in claimed:
-            self._ready.setdefault(item.consumer, deque()).append((now, item))
+        """Queue claimed deliveries for a slot and start what may start."""
+        self._share.hold(claimed, time.monotonic())
         self._start_ready()
 
     def _start_ready(self) -> None:
-        """Start waiting deliveries while there are free slots, one consumer after another,
-        each within its share. Deliveries that waited too long go back to the queue."""
+        """Start waiting deliveries while the share-out allows; deliveries that waited too long
+        go back to the queue."""
         if self._stop.is_set():
             return
-        now = time.monotonic()
-        stale: list[Claimed] = []
-        started = True
-        while started and self._ready and len(self._inflight) < self.settings.concurrency:
-            started = False
-            for consumer in list(self._ready):
-                if len(self._inflight) >= self.settings.concurrency:
-                    break
-                if self._per_consumer[consumer] >= self._consumer_limit:
-                    continue
-                waiting = self._ready[consumer]
-                claimed_at, item = waiting.popleft()
-                if not waiting:
-                    del self._ready[consumer]
-                started = True
-                if now - claimed_at > self._fresh_for:
-                    stale.append(item)
-                else:
-                    self._dispatch(item)
+        start, stale = self._share.take(time.monotonic())
+        for item in start:
+            self._dispatch(item)
         if stale:
             self._give_back(stale)
 
     def _drop_ready(self, consumer: str) -> None:
         """Give back the deliveries of `consumer` waiting here (it was disabled)."""
-        waiting = self._ready.pop(consumer, None)
+        waiting = self._share.drop(consumer)
         if waiting:
-            self._give_back([item for _, item in waiting])
+            self._give_back(waiting)
 
     def _give_back(self, items: list[Claimed]) -> None:
         self._to_release.extend(items)
@@ -496,14 +454,11 @@ class Relay:
     def _dispatch(self, item: Claimed) -> None:
         task = asyncio.create_task(self._deliver(item))
         self._inflight[task] = item
-        self._per_consumer[item.consumer] += 1
         task.add_done_callback(self._finished)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         item = self._inflight.pop(task)
-        self._per_consumer[item.consumer] -= 1
-        if self._per_consumer[item.consumer] <= 0:
-            del self._per_consumer[item.consumer]
+        self._share.done(item)
         if not task.cancelled() and task.exception() is not None:
             log.error("delivery task failed", exc_info=task.exception(),
                       extra={"event": item.event.id, "consumer": item.consumer})
@@ -519,6 +474,7 @@ class Relay:
         except Exception as exc:  # a bug in the sender must cost one attempt, not the relay
             log.exception("sender failed", extra={"event": item.event.id})
             attempt = Attempt(None, f"internal error: {type(exc).__name__}", 0)
+        self._share.observe(item.consumer, attempt)
         outcome, delay = decide(attempt, item.attempts, self.settings.retry_schedule, self._rng)
         self.metrics.attempt_duration.observe(attempt.latency_ms / 1000)
         self.metrics.deliveries.labels(outcome).inc()
@@ -609,17 +565,21 @@ class Relay:
         if self._stop.is_set():
             return
         assert self._pool is not None
-        counts = self._held()
-        free = self._hold_limit - len(self._inflight) - self._buffered
+        rooms = self._share.rooms()
+        free = self._share.hold_cap - self._share.held
         wanted: list[tuple[str, str]] = []
         for r in batch:
-            key = (r.claimed.consumer, r.claimed.event.id)
-            if r.outcome not in ("delivered", "dead") or not done.get(key):
+            consumer, merchant = r.claimed.consumer, r.claimed.event.merchant_id or ""
+            if r.outcome not in ("delivered", "dead") or not done.get((consumer,
+                                                                        r.claimed.event.id)):
                 continue
-            if len(wanted) >= free or counts[r.claimed.consumer] >= self._consumer_hold:
+            room = rooms.consumers.get(consumer, rooms.consumer_default)
+            held, merchant_room = rooms.merchants.get(merchant, (0, rooms.merchant_default))
+            if len(wanted) >= free or room <= 0 or merchant_room <= 0:
                 continue
-            counts[r.claimed.consumer] += 1
-            wanted.append((r.claimed.consumer, r.claimed.event.subject))
+            rooms.consumers[consumer] = room - 1
+            rooms.merchants[merchant] = (held + 1, merchant_room - 1)
+            wanted.append((consumer, r.claimed.event.subject))
         if not wanted:
             return
         try:
@@ -733,8 +693,7 @@ class Relay:
         """Let in-flight deliveries finish within the grace period, write their results, give
         back the leases of the rest (and of the deliveries still waiting for a slot), and leave
         outbox.sleepers."""
-        waiting = [item for queue in self._ready.values() for _, item in queue]
-        self._ready.clear()
+        waiting = self._share.drain()
         tasks: list[asyncio.Task[Any]] = list(self._inflight)
         if tasks:
             log.info("waiting for %d deliveries in flight", len(tasks))

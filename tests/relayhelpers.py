@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FAST_ENV = {
     "OUTBOX_RETRY_SCHEDULE": "0,0.2,0.4",
     "OUTBOX_HTTP_TIMEOUT": "5",
-    "OUTBOX_LEASE_SECONDS": "10",
+    "OUTBOX_LEASE_SECONDS": "11",
     "OUTBOX_WEBHOOK_ALLOWED_NETWORKS": "127.0.0.0/8",
     "OUTBOX_PURGE_INTERVAL": "0",
 }

@@ -20,9 +20,12 @@ from tests.apihelpers import (
     created,
     execute,
     is_rfc3339_utc,
+    live_server,
+    new_merchant,
     query,
     snapshot,
     start_api,
+    wait_for,
 )
 
 PUBLIC_URL = "https://1.1.1.1/hooks"
@@ -169,6 +172,103 @@ def test_delete_endpoint(db_url: str, api: Api) -> None:
     api.payment(a["id"], api.account()["id"], 5)
     assert query(db_url, "SELECT count(*) FROM outbox.deliveries WHERE consumer = %s",
                  (we["id"],)) == [(0,)]
+
+
+# --- the cap on endpoints per merchant ------------------------------------------------------------
+
+
+def test_a_merchant_has_at_most_16_endpoints_by_default(db_url: str, api: Api) -> None:
+    for _ in range(16):
+        endpoint(api, ["*"])
+    body = assert_problem(
+        api.post("/v1/webhook_endpoints", {"url": PUBLIC_URL, "event_types": ["*"]}),
+        409, "webhook_endpoint_limit_reached",
+    )
+    assert "16" in body["detail"]
+    assert query(db_url, "SELECT count(*) FROM webhook_endpoints") == [(16,)]
+    assert query(db_url, "SELECT count(*) FROM outbox.consumers WHERE kind = 'webhook'") == [(16,)]
+    # Disabled endpoints count too; a deleted one frees its place.
+    first = api.list_all("/v1/webhook_endpoints")[-1]["id"]
+    assert api.patch(f"/v1/webhook_endpoints/{first}", {"status": "disabled"}).status_code == 200
+    assert_problem(api.post("/v1/webhook_endpoints", {"url": PUBLIC_URL, "event_types": ["*"]}),
+                   409, "webhook_endpoint_limit_reached")
+    assert api.delete(f"/v1/webhook_endpoints/{first}").status_code == 204
+    endpoint(api, ["*"])
+    # Another merchant has its own.
+    other = api.as_key(new_merchant(db_url).api_key)
+    endpoint(other, ["*"])
+
+
+def test_the_cap_comes_from_the_environment_and_refusals_are_replayed(
+    db_url: str, api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OUTBOX_WEBHOOK_ENDPOINTS_PER_MERCHANT", "2")
+    endpoint(api, ["*"])
+    endpoint(api, ["*"])
+    body = {"url": PUBLIC_URL, "event_types": ["*"]}
+    first = api.post("/v1/webhook_endpoints", body, idem="cap-1")
+    assert_problem(first, 409, "webhook_endpoint_limit_reached")
+    again = api.post("/v1/webhook_endpoints", body, idem="cap-1")
+    assert again.status_code == 409 and again.headers.get("Idempotent-Replayed") == "true"
+    assert query(db_url, "SELECT count(*) FROM webhook_endpoints") == [(2,)]
+
+
+def test_concurrent_creations_do_not_overshoot_the_cap(
+    db_url: str, merchant: NewKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Eight creations at once with room for one. A share lock on the table holds every INSERT
+    back until all eight are waiting, so each would have counted the endpoints before any
+    inserted, were the count not serialised."""
+    import concurrent.futures
+
+    import httpx
+    import psycopg
+
+    monkeypatch.delenv("OUTBOX_WEBHOOK_ALLOWED_NETWORKS", raising=False)
+    monkeypatch.setenv("OUTBOX_WEBHOOK_ENDPOINTS_PER_MERCHANT", "3")
+    requests = 8
+    with live_server(db_url) as base, psycopg.connect(db_url) as blocker:
+        auth = {"Authorization": f"Bearer {merchant.api_key}"}
+
+        def create(_: int) -> int:
+            resp = httpx.post(f"{base}/v1/webhook_endpoints", headers=auth, timeout=60,
+                              json={"url": PUBLIC_URL, "event_types": ["*"]})
+            return resp.status_code
+
+        assert create(0) == 201 and create(0) == 201
+        blocker.execute("LOCK TABLE webhook_endpoints IN SHARE MODE")
+        with concurrent.futures.ThreadPoolExecutor(requests) as pool:
+            running = [pool.submit(create, n) for n in range(requests)]
+            with psycopg.connect(db_url, autocommit=True) as watcher:
+
+                def waiting() -> int:
+                    row = watcher.execute(
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                        " AND datname = current_database()").fetchone()
+                    return int(row[0]) if row else 0
+
+                wait_for(lambda: waiting() >= requests, what="every creation to be waiting")
+            blocker.rollback()
+            statuses = sorted(f.result() for f in running)
+    assert statuses == [201] + [409] * (requests - 1)
+    assert query(db_url, "SELECT count(*) FROM webhook_endpoints") == [(3,)]
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "many", "1.5", "１６"])
+def test_payments_api_refuses_a_bad_cap(value: str) -> None:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "payments-api")],
+        env={**os.environ, "OUTBOX_WEBHOOK_ENDPOINTS_PER_MERCHANT": value},
+        capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "OUTBOX_WEBHOOK_ENDPOINTS_PER_MERCHANT" in lines[0], result.stderr
 
 
 # --- validation at registration -------------------------------------------------------------------

@@ -192,6 +192,30 @@ async def test_a_claim_takes_no_more_than_each_consumer_has_room_for(
     assert await leased.fetchone() == (8,)  # nothing beyond the limits was leased
 
 
+async def test_one_merchants_backlog_does_not_crowd_another_out_of_a_claim(
+    db_url: str, auto: AsyncConnection
+) -> None:
+    """A claim deals its limit out in turns across merchants, then across a merchant's
+    endpoints, not by age: merchant A's old backlog on two endpoints takes half of a claim of
+    ten and merchant B's fresh event is in it."""
+    _seed(db_url, [(f"evt_a{i:02}", f"a{i}", 1) for i in range(40)],
+          consumers=("we_a1", "we_a2"), merchant="mer_a")
+    with psycopg.connect(db_url) as conn:
+        conn.execute("UPDATE outbox.deliveries SET next_attempt_at = now() - interval '1 hour'")
+    _seed(db_url, [("evt_b1", "b", 1)], consumers=("we_b",), merchant="mer_b")
+    claimed = await claim.claim_webhooks(auto, limit=10, lease_seconds=60, relay="t")
+    taken = Counter(c.consumer for c in claimed)
+    assert taken["we_b"] == 1 and sorted([taken["we_a1"], taken["we_a2"]]) == [4, 5], taken
+    # What a merchant already holds in the relay counts against its turns, and its room caps it.
+    _seed(db_url, [(f"evt_c{i}", f"c{i}", 1) for i in range(5)], consumers=("we_c",),
+          merchant="mer_c")
+    claimed = await claim.claim_webhooks(
+        auto, limit=6, lease_seconds=60, relay="t",
+        merchants={"mer_a": (3, 100), "mer_c": (0, 2)},
+    )
+    assert Counter(c.event.merchant_id for c in claimed) == {"mer_a": 4, "mer_c": 2}
+
+
 async def test_handler_deliveries_are_not_claimed_as_webhooks(
     db_url: str, auto: AsyncConnection
 ) -> None:
@@ -236,7 +260,9 @@ async def test_claim_query_uses_the_partial_claim_index(db_url: str) -> None:
             row[0]
             for row in conn.execute(
                 "EXPLAIN " + claim.CLAIM_WEBHOOKS,
-                {"consumers": ["we_b"], "rooms": [3], "share": 16, "limit": 100, "lease": 60,
+                {"consumers": ["we_b"], "rooms": [3], "share": 16, "merchants": ["mer_x"],
+                 "merchant_held": [2], "merchant_rooms": [40], "merchant_share": 64,
+                 "limit": 100, "lease": 60,
                  "token": uuid.uuid4(), "relay": "t"},
             )
         )

@@ -12,6 +12,7 @@ must not grow with the backlog.
 from __future__ import annotations
 
 import uuid
+from collections import Counter
 from typing import Any
 
 import psycopg
@@ -20,6 +21,7 @@ import pytest
 from outbox import claim
 
 BACKLOG = 10_000  # pending deliveries per consumer, 2,500 subjects of 4 events
+WEBHOOKS = {"we_a": "mer_x", "we_b": "mer_y"}  # two merchants' endpoints, each with the backlog
 BATCH = 32
 # Pages a statement may touch for a batch of BATCH: about 25 per claimed row (claim index, order
 # check, event, the update of six indexes). A plan that walks the backlog touches 10-10,000x more.
@@ -39,7 +41,7 @@ def _load(conn: psycopg.Connection[Any], first: int, count: int, status: str) ->
         " SELECT k, e.id, e.subject, e.sequence, %s::text,"
         "        now() - interval '1 hour' + e.sequence * interval '1 ms',"
         "        CASE WHEN %s::text = 'delivered' THEN now() END"
-        " FROM outbox.events e, unnest(ARRAY['we_a', 'reports']) k"
+        " FROM outbox.events e, unnest(ARRAY['we_a', 'we_b', 'reports']) k"
         " WHERE e.id IN (SELECT 'evt_' || i FROM generate_series(%s::int, %s::int) i)",
         (status, status, first, first + count - 1),
     )
@@ -50,15 +52,18 @@ def drained_then_backlog(request: pytest.FixtureRequest, db_url: str) -> str:
     """A queue vacuumed and analysed while it had nothing pending (with delivered history, or
     with nothing at all), then a backlog of BACKLOG per consumer."""
     with psycopg.connect(db_url, autocommit=True) as conn:
-        conn.execute("INSERT INTO merchants (id, name) VALUES ('mer_x', 'x')")
-        conn.execute(
-            "INSERT INTO webhook_endpoints (id, merchant_id, url, event_types, secret)"
-            " VALUES ('we_a', 'mer_x', 'https://example.com/', '{*}', 'whsec_AAAA')"
-        )
-        conn.execute(
-            "INSERT INTO outbox.consumers (name, kind, merchant_id, event_types)"
-            " VALUES ('we_a', 'webhook', 'mer_x', '{*}')"
-        )
+        for endpoint, merchant in WEBHOOKS.items():
+            conn.execute("INSERT INTO merchants (id, name) VALUES (%s, 'x')", (merchant,))
+            conn.execute(
+                "INSERT INTO webhook_endpoints (id, merchant_id, url, event_types, secret)"
+                " VALUES (%s, %s, 'https://example.com/', '{*}', 'whsec_AAAA')",
+                (endpoint, merchant),
+            )
+            conn.execute(
+                "INSERT INTO outbox.consumers (name, kind, merchant_id, event_types)"
+                " VALUES (%s, 'webhook', %s, '{*}')",
+                (endpoint, merchant),
+            )
         if request.param == "with-history":
             _load(conn, 0, BACKLOG, "delivered")
         for table in ("outbox.deliveries", "outbox.events", "outbox.consumers"):
@@ -84,15 +89,22 @@ def _pages(conn: psycopg.Connection[Any], sql: str, params: dict[str, Any]) -> i
     return pages
 
 
+# A claim as the relay makes it: each endpoint's room, and its merchant's (held here, room).
+CLAIM_PARAMS = {
+    "consumers": list(WEBHOOKS), "rooms": [BATCH, BATCH], "share": BATCH,
+    "merchants": ["mer_x", "mer_y"], "merchant_held": [BATCH // 2, 0],
+    "merchant_rooms": [BATCH, BATCH], "merchant_share": BATCH, "limit": BATCH,
+    "lease": 60, "relay": "t",
+}
+
+
 def test_queue_statements_stay_bounded_by_the_batch(drained_then_backlog: str) -> None:
     url = drained_then_backlog
     token = uuid.uuid4()
     pages: dict[str, int] = {}
     with psycopg.connect(url) as conn:
-        pages["claim_webhooks"] = _pages(conn, claim.CLAIM_WEBHOOKS, {
-            "consumers": ["we_a"], "rooms": [BATCH], "share": BATCH, "limit": 100,
-            "lease": 60, "token": token, "relay": "t",
-        })
+        pages["claim_webhooks"] = _pages(conn, claim.CLAIM_WEBHOOKS,
+                                         {**CLAIM_PARAMS, "token": token})
         pages["claim_for_handler"] = _pages(
             conn, claim.CLAIM_FOR_HANDLER, {"consumer": "reports", "limit": BATCH}
         )
@@ -100,12 +112,11 @@ def test_queue_statements_stay_bounded_by_the_batch(drained_then_backlog: str) -
 
     # Claimed for real, so completion, successors and release find leases.
     with psycopg.connect(url, autocommit=True) as conn:
-        leased = conn.execute(
-            claim.CLAIM_WEBHOOKS,
-            {"consumers": ["we_a"], "rooms": [BATCH], "share": BATCH, "limit": 100,
-             "lease": 60, "token": token, "relay": "t"},
-        ).fetchall()
+        leased = conn.execute(claim.CLAIM_WEBHOOKS, {**CLAIM_PARAMS, "token": token}).fetchall()
     assert len(leased) == BATCH  # the claim returns what it says it claims
+    # Turns: mer_y holds nothing here, mer_x half a batch, so mer_y gets three quarters of it.
+    taken = Counter(row[0] for row in leased)
+    assert taken == {"we_b": BATCH * 3 // 4, "we_a": BATCH // 4}, taken
     keys = [(row[0], row[2], row[4]) for row in leased]  # consumer, event id, subject
     n = len(keys)
     with psycopg.connect(url) as conn:

@@ -26,7 +26,7 @@ from tests.relayhelpers import (
 from tests.support.receiver import Receiver
 
 CRASH_ENV = {
-    "OUTBOX_LEASE_SECONDS": "4",
+    "OUTBOX_LEASE_SECONDS": "7.5",
     "OUTBOX_HTTP_TIMEOUT": "2",
     "OUTBOX_RETRY_SCHEDULE": "0,0.2,0.5,1,1,1,1,1,1,1",
 }

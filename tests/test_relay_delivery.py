@@ -176,6 +176,77 @@ async def test_retry_after_is_honoured(
     await wait_until_delivered(db_url)
 
 
+async def test_a_2xx_is_a_delivery_whatever_its_headers_say(
+    db_url: str, receiver: Receiver, make_relay: MakeRelay
+) -> None:
+    """Retry-After means something only on 429 and 503, and there only ASCII digits or an
+    HTTP-date; nothing a receiver puts in its headers may turn an answer into an error."""
+    merchant = new_merchant(db_url)
+    ok = add_endpoint(db_url, receiver, merchant, ["payment.succeeded"])
+    busy = add_endpoint(db_url, receiver, merchant, ["payment.succeeded"])
+    odd = ["①", "²", "１２", "9" * 400, "-1", "soon", "Fri, 31 Feb 2026 12:00:30 GMT"]
+    receiver.respond(
+        ok.path,
+        *[Reply(200, retry_after=value) for value in odd],
+        Reply(200, headers={"Content-Encoding": "gzip"}, body=b"not gzip at all"),
+    )
+    # A 503 whose Retry-After is no number: the schedule's wait (0.2 s), not an error.
+    receiver.respond(busy.path, Reply(503, retry_after="①"))
+    events = len(odd) + 1
+    relay = make_relay().wait_ready()
+    await make_traffic(db_url, [merchant], events, clients=1)
+    await wait_until_delivered(db_url)
+
+    with psycopg.connect(db_url) as conn:
+        first_time = conn.execute(
+            "SELECT attempts, last_status_code, last_error FROM outbox.deliveries"
+            " WHERE consumer = %s",
+            (ok.id,),
+        ).fetchall()
+        busy_log = conn.execute(
+            "SELECT status_code, error FROM outbox.attempts WHERE consumer = %s ORDER BY id",
+            (busy.id,),
+        ).fetchall()
+    assert first_time == [(1, 200, None)] * events
+    assert len(receiver.receipts(ok.path)) == events
+    assert busy_log == [(503, "HTTP 503")] + [(204, None)] * events
+    assert "sender failed" not in relay.log()
+
+
+async def test_requests_ask_for_no_compression(
+    db_url: str, receiver: Receiver, make_relay: MakeRelay
+) -> None:
+    """The relay reads answers raw and never decompresses them, so it does not ask for gzip."""
+    merchant = new_merchant(db_url)
+    endpoint = add_endpoint(db_url, receiver, merchant, ["payment.succeeded"])
+    make_relay().wait_ready()
+    await make_traffic(db_url, [merchant], 1, clients=1)
+    [receipt] = await receiver.wait_for_async(1, path=endpoint.path, timeout=30)
+    assert receipt.headers.get("accept-encoding") == "identity"
+
+
+async def test_an_interim_answer_without_a_final_one_is_recorded_as_such(
+    db_url: str, receiver: Receiver, make_relay: MakeRelay
+) -> None:
+    merchant = new_merchant(db_url)
+    endpoint = add_endpoint(db_url, receiver, merchant, ["payment.succeeded"])
+    receiver.respond(endpoint.path, Reply(204, informational=102, delay=30), Reply(204, delay=30))
+    make_relay(env={"OUTBOX_HTTP_TIMEOUT": "2", "OUTBOX_RETRY_SCHEDULE": "0,0.2,0.2"}).wait_ready()
+    await make_traffic(db_url, [merchant], 1, clients=1)
+    await wait_until_delivered(db_url)
+    with psycopg.connect(db_url) as conn:
+        log = conn.execute(
+            "SELECT status_code, error FROM outbox.attempts WHERE consumer = %s ORDER BY id",
+            (endpoint.id,),
+        ).fetchall()
+    assert log == [
+        (None, "timed out after 2 s waiting for a final answer: the endpoint sent only an"
+               " informational (1xx) response"),
+        (None, "timed out after 2 s"),  # no interim answer at all: a plain timeout
+        (204, None),
+    ]
+
+
 async def test_410_disables_the_endpoint_and_enabling_resumes(
     db_url: str, receiver: Receiver, make_relay: MakeRelay
 ) -> None:
@@ -224,6 +295,53 @@ async def test_410_disables_the_endpoint_and_enabling_resumes(
     assert len(receiver.accepted(gone.path)) == 1
 
 
+async def test_re_enabling_delivers_what_was_pending_not_what_was_published_meanwhile(
+    db_url: str, receiver: Receiver, make_relay: MakeRelay
+) -> None:
+    """docs/relay.md, 410 Gone: the events published while an endpoint was disabled were never
+    queued for it; recover does not bring them either; the events API has them."""
+    from ledger import service
+    from outbox.consumers import disable_consumer, enable_consumer, redrive_dead
+
+    merchant = new_merchant(db_url)
+    endpoint = add_endpoint(db_url, receiver, merchant, ["account.created"])
+
+    async def account() -> str:
+        async with await psycopg.AsyncConnection.connect(db_url) as conn:
+            async with conn.transaction():
+                created = await service.create_account(conn, service.Merchant(merchant), "USD",
+                                                       {})
+            cur = await conn.execute(
+                "SELECT id FROM outbox.events WHERE subject = %s", (created["id"],))
+            row = await cur.fetchone()
+            assert row is not None
+            return str(row[0])
+
+    pending = await account()  # queued while no relay runs
+    async with await psycopg.AsyncConnection.connect(db_url) as conn:
+        async with conn.transaction():
+            assert await disable_consumer(conn, endpoint.id, "disabled by the test")
+    meanwhile = await account()
+    async with await psycopg.AsyncConnection.connect(db_url) as conn:
+        async with conn.transaction():
+            assert await enable_consumer(conn, endpoint.id)
+    make_relay().wait_ready()
+    await receiver.wait_for_async(1, path=endpoint.path, timeout=30)
+    await wait_until_delivered(db_url)
+    assert receiver.ids(endpoint.path) == [pending]
+    async with await psycopg.AsyncConnection.connect(db_url) as conn:
+        async with conn.transaction():
+            assert await redrive_dead(conn, endpoint.id) == 0
+        cur = await conn.execute(
+            "SELECT count(*) FROM outbox.deliveries WHERE consumer = %s AND event_id = %s",
+            (endpoint.id, meanwhile))
+        assert await cur.fetchone() == (0,)
+        cur = await conn.execute(  # what GET /v1/events lists for the merchant
+            "SELECT id FROM outbox.events WHERE merchant_id = %s AND type = 'account.created'"
+            " ORDER BY id", (merchant,))
+        assert [r[0] for r in await cur.fetchall()] == sorted([pending, meanwhile])
+
+
 async def test_redirects_are_failures(
     db_url: str, receiver: Receiver, make_relay: MakeRelay
 ) -> None:
@@ -257,6 +375,54 @@ async def test_failing_endpoint_does_not_slow_another(
     await receiver.wait_for_async(len(expected), path=healthy.path, timeout=60)
     assert {r.webhook_id for r in receiver.accepted(healthy.path)} == expected
     assert receiver.peak_in_flight <= 8
+
+
+async def test_an_attempt_that_runs_to_the_full_timeout_is_never_sent_twice(
+    db_url: str, receiver: Receiver, make_relay: MakeRelay
+) -> None:
+    """Two relays with the shortest lease the settings accept; every request hangs past the
+    timeout and the schedule allows one attempt, so each event must arrive exactly once. An
+    attempt lasts longer than OUTBOX_HTTP_TIMEOUT (aiohttp rounds deadlines of 5 s or more up to
+    the next second, and the delivery may first wait in its relay's queue): a lease that ended
+    before it would let the other relay claim the delivery and send it again meanwhile."""
+    from relay.settings import Settings, SettingsError
+
+    timeout = 5.5
+    lease = timeout
+    while True:
+        lease += 0.5
+        try:
+            Settings.from_env({"OUTBOX_HTTP_TIMEOUT": str(timeout),
+                               "OUTBOX_LEASE_SECONDS": str(lease)})
+            break
+        except SettingsError:
+            continue
+    merchant = new_merchant(db_url)
+    endpoint = add_endpoint(db_url, receiver, merchant, ["account.created"])
+    receiver.set_default(endpoint.path, Reply(204, delay=60))
+    env = {"OUTBOX_HTTP_TIMEOUT": str(timeout), "OUTBOX_LEASE_SECONDS": str(lease),
+           "OUTBOX_RETRY_SCHEDULE": "0"}
+    for _ in range(2):
+        make_relay(env=env).wait_ready()
+    from ledger import service
+
+    events = 10
+    async with await psycopg.AsyncConnection.connect(db_url) as conn:
+        for _ in range(events):
+            # One at a time, so the attempts start at different fractions of a second and end
+            # anywhere up to a second after the timeout.
+            async with conn.transaction():
+                await service.create_account(conn, service.Merchant(merchant), "USD", {})
+            await asyncio.sleep(0.1)
+    try:
+        await wait_until_delivered(db_url, within=60)
+    finally:
+        arrivals = receiver.ids(endpoint.path)
+        assert len(arrivals) == len(set(arrivals)), (
+            f"{len(arrivals) - len(set(arrivals))} requests sent again while the first attempt"
+            " was still running")
+    assert len(arrivals) == events
+    assert delivery_counts(db_url, endpoint.id) == {"dead": events}
 
 
 async def test_sigterm_releases_leases_and_exits_zero(
@@ -309,6 +475,7 @@ def test_bad_configuration_exits_2(db_url: str, tmp_path: Path) -> None:
     cases = [
         ({"OUTBOX_RETRY_SCHEDULE": "0,x"}, []),
         ({"OUTBOX_HTTP_TIMEOUT": "30", "OUTBOX_LEASE_SECONDS": "10"}, []),
+        ({"OUTBOX_HTTP_TIMEOUT": "5.5", "OUTBOX_LEASE_SECONDS": "6"}, []),
         ({"OUTBOX_WEBHOOK_ALLOWED_NETWORKS": "not-a-net"}, []),
         ({}, ["--concurrency", "0"]),
         ({}, ["--log-format", "xml"]),

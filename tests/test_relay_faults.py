@@ -111,8 +111,8 @@ async def wait_for(predicate: Callable[[], bool], within: float, what: str) -> N
 # --- (a) the relay's database connection is cut -------------------------------------------------
 
 CUT_ENV = {
-    "OUTBOX_LEASE_SECONDS": "5",
-    "OUTBOX_HTTP_TIMEOUT": "4",
+    "OUTBOX_LEASE_SECONDS": "9",
+    "OUTBOX_HTTP_TIMEOUT": "3.5",
     "OUTBOX_RETRY_SCHEDULE": "0,0.2,0.5,1,1,1,1,1",
 }
 # The receiver's delay on the first requests after the warm-up: long enough that the relay is

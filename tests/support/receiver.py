@@ -3,7 +3,7 @@
 Each path is an endpoint with its own `whsec_` secret. Every request is verified with the
 `standardwebhooks` package (the contract's yardstick) and recorded as a `Receipt`, whatever the
 answer. What an endpoint answers is programmable: a default reply plus a queue of one-shot replies
-(status, `Retry-After`, delay, connection reset, redirect).
+(status, `Retry-After`, delay, connection reset, redirect, an interim 1xx response first).
 
     receiver.add_endpoint("/hook", secret)
     receiver.respond("/hook", 503, Reply(429, retry_after=1), Reply(reset=True))
@@ -37,7 +37,8 @@ from standardwebhooks import Webhook
 @dataclass(frozen=True)
 class Reply:
     """One answer. `reset` drops the connection (RST) after reading the request; `delay` waits
-    before answering (to exceed the sender's timeout)."""
+    before answering (to exceed the sender's timeout); `informational` sends that 1xx status line
+    at once, before the delay."""
 
     status: int = 204
     retry_after: int | str | None = None
@@ -46,6 +47,7 @@ class Reply:
     location: str | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
     body: bytes = b""
+    informational: int | None = None
 
     @classmethod
     def redirect(cls, location: str, status: int = 307) -> Reply:
@@ -336,6 +338,8 @@ class Receiver:
             )
             self._changed.notify_all()
 
+        if reply.informational is not None and request.transport is not None:
+            request.transport.write(f"HTTP/1.1 {reply.informational} Interim\r\n\r\n".encode())
         if reply.delay:
             await asyncio.sleep(reply.delay)
         if reply.reset:
