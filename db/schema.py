@@ -334,6 +334,19 @@ deliveries = Table(
     ),
     Index("ix_deliveries_dead", "consumer", "dead_since", postgresql_where=text("status = 'dead'")),
     Index(
+        "ix_deliveries_subject_dead",
+        "consumer",
+        "subject",
+        "sequence",
+        postgresql_where=text("status = 'dead'"),
+    ),
+    Index(
+        "ix_deliveries_leased",
+        "consumer",
+        "subject",
+        postgresql_where=text("lease_token IS NOT NULL"),
+    ),
+    Index(
         "ix_deliveries_delivered",
         "delivered_at",
         postgresql_where=text("status = 'delivered'"),

@@ -371,14 +371,15 @@ def test_recover_requeues_dead_deliveries_since(db_url: str, api: Api) -> None:
 
     resp = api.post(path, {"since": rfc3339(now - timedelta(hours=1))})
     assert resp.status_code == 202, resp.text
-    assert resp.json() == {"requeued": 1}
+    assert resp.json() == {"requeued": 1, "out_of_order_subjects": 0}
     state = {d["event"]: d["status"] for d in deliveries(api, we["id"])}
     assert state == {old: "dead", recent: "pending", pending: "pending"}
 
     resp = api.post(path, {"since": rfc3339(now - timedelta(days=1))})
-    assert resp.json() == {"requeued": 1}
+    assert resp.json() == {"requeued": 1, "out_of_order_subjects": 0}
     assert {d["status"] for d in deliveries(api, we["id"])} == {"pending"}
-    assert api.post(path, {"since": rfc3339(now - timedelta(days=1))}).json() == {"requeued": 0}
+    assert api.post(path, {"since": rfc3339(now - timedelta(days=1))}).json() == {
+        "requeued": 0, "out_of_order_subjects": 0}
     # a requeued delivery is due again and pending in the table too
     rows = query(db_url, "SELECT status, next_attempt_at <= now() FROM outbox.deliveries "
                          "WHERE consumer = %s", (we["id"],))

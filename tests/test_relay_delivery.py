@@ -150,11 +150,10 @@ async def test_dead_letter_then_recover(
     assert len(receiver.receipts(endpoint.path)) == 6
 
     receiver.set_default(endpoint.path, 204)
-    from outbox.consumers import redrive_dead
+    from outbox.redrive import redrive
 
-    async with await psycopg.AsyncConnection.connect(db_url) as aconn:
-        async with aconn.transaction():
-            assert await redrive_dead(aconn, endpoint.id) == 2
+    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as aconn:
+        assert (await redrive(aconn, endpoint.id)).requeued == 2
         await aconn.execute("NOTIFY outbox_wakeup")
     await wait_until_delivered(db_url)
     assert len(receiver.accepted(endpoint.path)) == 2

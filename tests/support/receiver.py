@@ -13,6 +13,11 @@ answer. What an endpoint answers is programmable: a default reply plus a queue o
 
 The server has its own loop, so the blocking `wait_for` is fine in sync tests; async tests whose
 loop also runs the code under test must use `wait_for_async`.
+
+Per endpoint and event `subject`, the receiver also notes every request that arrived while
+another request of the same subject was still unanswered there (`overlaps`): the relay must never
+have two deliveries of one subject in flight to one endpoint. A request counts as answered when
+its handler is done, which is before the sender can read the answer.
 """
 
 from __future__ import annotations
@@ -37,11 +42,13 @@ from standardwebhooks import Webhook
 @dataclass(frozen=True)
 class Reply:
     """One answer. `reset` drops the connection (RST) after reading the request; `delay` waits
-    before answering (to exceed the sender's timeout)."""
+    before answering (to exceed the sender's timeout); `gate` holds the answer until the test
+    sets it."""
 
     status: int = 204
     retry_after: int | str | None = None
     delay: float = 0.0
+    gate: threading.Event | None = field(default=None, compare=False)
     reset: bool = False
     location: str | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
@@ -89,6 +96,16 @@ def _as_reply(reply: Reply | int) -> Reply:
     return reply if isinstance(reply, Reply) else Reply(reply)
 
 
+@dataclass(frozen=True)
+class Overlap:
+    """A request that arrived while others of its subject were unanswered at the same path."""
+
+    path: str
+    subject: str
+    webhook_id: str | None
+    unanswered: tuple[str | None, ...]
+
+
 class ReceiverTimeout(AssertionError):
     pass
 
@@ -102,6 +119,8 @@ class Receiver:
         self._endpoints: dict[str, _Endpoint] = {}
         self._receipts: list[Receipt] = []
         self._arrivals: Counter[tuple[str, str | None]] = Counter()
+        self._unanswered: dict[tuple[str, str], list[str | None]] = {}
+        self.overlaps: list[Overlap] = []
         self._changed = threading.Condition()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
@@ -124,6 +143,11 @@ class Receiver:
         """Queue one-shot replies for the next requests to `path`; then the default applies."""
         with self._changed:
             self._endpoints[path].queue.extend(_as_reply(r) for r in replies)
+
+    def clear_replies(self, path: str) -> None:
+        """Drop the one-shot replies still queued for `path`."""
+        with self._changed:
+            self._endpoints[path].queue.clear()
 
     def set_default(self, path: str, reply: Reply | int) -> None:
         with self._changed:
@@ -158,6 +182,7 @@ class Receiver:
         with self._changed:
             self._receipts.clear()
             self._arrivals.clear()
+            self.overlaps.clear()
 
     def wait_for(
         self,
@@ -319,6 +344,13 @@ class Receiver:
             else:
                 reply = endpoint.default
             self._arrivals[(path, webhook_id)] += 1
+            subject = body.get("subject") if isinstance(body, dict) else None
+            in_flight = (path, subject) if isinstance(subject, str) else None
+            if in_flight is not None:
+                unanswered = self._unanswered.setdefault(in_flight, [])
+                if unanswered:
+                    self.overlaps.append(Overlap(path, in_flight[1], webhook_id, tuple(unanswered)))
+                unanswered.append(webhook_id)
             self._receipts.append(
                 Receipt(
                     path=path,
@@ -336,17 +368,26 @@ class Receiver:
             )
             self._changed.notify_all()
 
-        if reply.delay:
-            await asyncio.sleep(reply.delay)
-        if reply.reset:
-            _reset(request)
-            raise web.HTTPServiceUnavailable()  # never sent: the connection is gone
-        response_headers = dict(reply.headers)
-        if reply.retry_after is not None:
-            response_headers["Retry-After"] = str(reply.retry_after)
-        if reply.location is not None:
-            response_headers["Location"] = reply.location
-        return web.Response(status=reply.status, body=reply.body, headers=response_headers)
+        try:
+            if reply.delay:
+                await asyncio.sleep(reply.delay)
+            # A threading.Event, set from the test's thread: polled, so that a gate nobody opens
+            # cannot keep a worker thread (and the test process) alive.
+            while reply.gate is not None and not reply.gate.is_set():  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+            if reply.reset:
+                _reset(request)
+                raise web.HTTPServiceUnavailable()  # never sent: the connection is gone
+            response_headers = dict(reply.headers)
+            if reply.retry_after is not None:
+                response_headers["Retry-After"] = str(reply.retry_after)
+            if reply.location is not None:
+                response_headers["Location"] = reply.location
+            return web.Response(status=reply.status, body=reply.body, headers=response_headers)
+        finally:
+            if in_flight is not None:
+                with self._changed:
+                    self._unanswered[in_flight].remove(webhook_id)
 
 
 def _verify(secret: str | None, raw: bytes, headers: Mapping[str, str]) -> tuple[bool, str | None]:
