@@ -19,7 +19,7 @@ from api.http import json_body
 from api.lists import fetch_one, fetch_page
 from ledger.ids import new_id
 from ledger.service import Merchant
-from outbox.consumers import disable_consumer, enable_consumer
+from outbox.consumers import delete_consumer, disable_consumer, enable_consumer
 from outbox.envelope import rfc3339
 from outbox.redrive import redrive
 from outbox.signing import new_secret
@@ -164,8 +164,8 @@ async def delete_endpoint(request: Request) -> Response:
 
     async def run(conn: AsyncConnection, merchant: Merchant) -> Result:
         await _owned(conn, merchant, endpoint_id)
-        await conn.execute("DELETE FROM outbox.deliveries WHERE consumer = %s", (endpoint_id,))
-        await conn.execute("DELETE FROM outbox.consumers WHERE name = %s", (endpoint_id,))
+        # Also the deliveries of publishers still committing: it waits for them.
+        await delete_consumer(conn, endpoint_id)
         await conn.execute("DELETE FROM webhook_endpoints WHERE id = %s", (endpoint_id,))
         return 204, None
 

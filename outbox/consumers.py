@@ -1,4 +1,4 @@
-"""Turning consumers off and on.
+"""Turning consumers off and on, and deleting them.
 
 All of it runs in the caller's transaction (the API's request, the CLI, or the relay when an
 endpoint answers 410) and never commits.
@@ -10,7 +10,7 @@ flight while its consumer is disabled keeps its lease (so nothing else of its su
 claimable) and its answer is recorded; if the attempt fails it is parked then
 (outbox.claim.COMPLETE_WEBHOOKS).
 
-Disabling first takes the merchant's consumers lock exclusively: publishers hold it
+Disabling and deleting first take the merchant's consumers lock exclusively: publishers hold it
 shared until they commit (outbox/publish.py), so the statements that follow, with a fresh
 snapshot, also see the deliveries those publishers fanned out.
 """
@@ -55,6 +55,14 @@ SELECT enabled, pg_advisory_xact_lock({CONSUMERS_LOCK % 'merchant_id'})
 FROM outbox.consumers WHERE name = %s
 """
 
+_DELETE = """
+WITH gone AS (
+    DELETE FROM outbox.deliveries WHERE consumer = %(name)s
+)
+DELETE FROM outbox.consumers WHERE name = %(name)s
+"""
+
+
 async def hold_publishers(conn: AsyncConnection, name: str) -> bool:
     """Wait for the publishers in flight of consumer `name`'s merchant and keep new ones out
     until the caller's transaction ends. False when there is no such consumer.
@@ -82,4 +90,13 @@ async def enable_consumer(conn: AsyncConnection, name: str) -> bool:
     if await cur.fetchone() is None:
         return False
     await conn.execute(_ENABLE, {"name": name})
+    return True
+
+
+async def delete_consumer(conn: AsyncConnection, name: str) -> bool:
+    """Delete consumer `name` and every delivery of it, including those fanned out by
+    publishers still in flight when it was called. False when there is no such consumer."""
+    if not await hold_publishers(conn, name):
+        return False
+    await conn.execute(_DELETE, {"name": name})
     return True

@@ -3,14 +3,17 @@ validation, and the deliveries list and recover (rows created by real payments' 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from psycopg import AsyncConnection
 from standardwebhooks import Webhook
 
+from ledger import service
 from ledger.merchants import NewKey
 from tests.apihelpers import (
     Api,
@@ -169,6 +172,47 @@ def test_delete_endpoint(db_url: str, api: Api) -> None:
     api.payment(a["id"], api.account()["id"], 5)
     assert query(db_url, "SELECT count(*) FROM outbox.deliveries WHERE consumer = %s",
                  (we["id"],)) == [(0,)]
+
+
+async def test_deleting_an_endpoint_while_a_payment_fans_out_to_it_leaves_nothing_behind(
+    db_url: str, api: Api, merchant: NewKey
+) -> None:
+    """A payment's transaction has fanned out to the endpoint and not committed yet when the
+    endpoint is deleted: the delete waits for it and takes its deliveries too, instead of
+    leaving pending deliveries of a consumer that no longer exists (two real connections)."""
+    we = endpoint(api, ["*"])
+    source = api.funded_account(100)["id"]
+    destination = api.account()["id"]
+    [(before,)] = query(db_url, "SELECT count(*) FROM outbox.deliveries WHERE consumer = %s",
+                        (we["id"],))
+    async with await AsyncConnection.connect(db_url) as publisher:
+        async with publisher.transaction():
+            paid = await service.create_payment(
+                publisher, service.Merchant(merchant.merchant_id), source, destination, 10, "USD")
+            assert paid.error is None
+            cur = await publisher.execute(
+                "SELECT count(*) FROM outbox.deliveries WHERE consumer = %s", (we["id"],))
+            # Three more, uncommitted: the delete cannot see them.
+            assert await cur.fetchone() == (before + 3,)
+            deleting = asyncio.create_task(
+                asyncio.to_thread(api.delete, f"/v1/webhook_endpoints/{we['id']}"))
+            for _ in range(400):
+                waiting = query(
+                    db_url,
+                    "SELECT 1 FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND wait_event_type = 'Lock' AND pid <> %s",
+                    (publisher.info.backend_pid,),
+                )
+                if waiting or deleting.done():
+                    break
+                await asyncio.sleep(0.025)
+        resp = await asyncio.wait_for(deleting, 30)
+    assert resp.status_code == 204, resp.text
+    assert query(db_url, "SELECT count(*) FROM outbox.deliveries WHERE consumer = %s",
+                 (we["id"],)) == [(0,)]
+    assert query(db_url, "SELECT count(*) FROM outbox.consumers WHERE name = %s",
+                 (we["id"],)) == [(0,)]
+    assert_conserved(db_url)
 
 
 # --- validation at registration -------------------------------------------------------------------
