@@ -1,4 +1,4 @@
-"""One delivery of a subject in flight whatever operators do.
+"""One delivery of a subject in flight whatever operators do; exact daily totals.
 
 - `ix_deliveries_leased (consumer, subject) WHERE lease_token IS NOT NULL`: the claim's
   in-flight check (no other delivery of the subject holds a live lease) probes it. Leases are
@@ -8,6 +8,8 @@
   deliveries go back together (and are counted once). Deliveries enter it only when they die.
 - `outbox.is_first_pending(consumer, subject, sequence)`: the claim's order check again, under a
   snapshot of its own (docs/relay.md, Ordering).
+- `daily_reports` amounts become `numeric`: the sum of a day's amounts, each up to 10^15, has no
+  upper bound, and `bigint` overflowed after 9,224 payments of 10^15.
 
 Revision ID: 0005
 Revises: 0004
@@ -23,6 +25,8 @@ revision = '0005'
 down_revision = '0004'
 branch_labels = None
 depends_on = None
+
+_AMOUNTS = ('payments_amount', 'refunds_amount', 'deposits_amount', 'payouts_amount')
 
 # VOLATILE, so each call reads with a snapshot taken at the call, not the calling statement's:
 # PostgreSQL re-checks a claim's predicate on a row that changed after the claim's snapshot
@@ -59,9 +63,18 @@ def upgrade() -> None:
                     postgresql_where=sa.text("status = 'dead'"))
     op.execute(_IS_FIRST_PENDING)
     op.execute(_IS_FIRST_PENDING_COMMENT)
+    for column in _AMOUNTS:
+        op.alter_column('daily_reports', column, type_=sa.Numeric(),
+                        existing_type=sa.BigInteger(), existing_nullable=False,
+                        existing_server_default=sa.text('0'))
 
 
 def downgrade() -> None:
+    for column in _AMOUNTS:
+        op.alter_column('daily_reports', column, type_=sa.BigInteger(),
+                        existing_type=sa.Numeric(), existing_nullable=False,
+                        existing_server_default=sa.text('0'),
+                        postgresql_using=f'{column}::bigint')
     op.execute("DROP FUNCTION outbox.is_first_pending(text, text, bigint)")
     op.drop_index('ix_deliveries_subject_dead', table_name='deliveries', schema='outbox',
                   postgresql_where=sa.text("status = 'dead'"))
