@@ -299,7 +299,11 @@ class Receiver:
     async def _serve(self) -> None:
         app = web.Application(client_max_size=16 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+        # A request whose sender gave up (its timeout closed the connection) is no longer in
+        # flight: its handler is cancelled rather than left to sleep out a long delay, so
+        # `in_flight` and the overlap check count what the sender is waiting for.
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5,
+                                     handler_cancellation=True)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, 0, backlog=1024)
         await site.start()
