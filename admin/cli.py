@@ -10,6 +10,7 @@ Tables for people by default, `--json` for scripts. The database is `DATABASE_UR
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -22,9 +23,10 @@ from psycopg import conninfo
 
 from admin import render
 from admin.backlog import backlog
-from admin.deadletters import UnknownConsumerError, dead_letters, redrive
+from admin.deadletters import UnknownConsumerError, dead_letters
 from admin.retention import PurgeCounts, parse_duration, purge
 from db.settings import database_url
+from outbox.redrive import Redriven, redrive
 
 PROG = "paymentsctl"
 CONNECT_TIMEOUT_SECONDS = 10
@@ -88,7 +90,7 @@ def _name(text: str) -> str:
 # --- plumbing -----------------------------------------------------------------------------------
 
 
-def _connect() -> psycopg.Connection:
+def _conninfo() -> str:
     url = database_url()
     try:
         given = conninfo.conninfo_to_dict(url)
@@ -97,9 +99,23 @@ def _connect() -> psycopg.Connection:
             "connect_timeout": CONNECT_TIMEOUT_SECONDS,
         }
         extra = {k: v for k, v in defaults.items() if k not in given}
-        return psycopg.connect(conninfo.make_conninfo(url, **extra), autocommit=True)
+        return conninfo.make_conninfo(url, **extra)
     except psycopg.ProgrammingError as exc:
         raise CommandError(f"invalid DATABASE_URL: {_one_line(exc)}") from None
+
+
+def _connect() -> psycopg.Connection:
+    info = _conninfo()
+    try:
+        return psycopg.connect(info, autocommit=True)
+    except psycopg.OperationalError as exc:
+        raise CommandError(f"cannot connect to the database: {_one_line(exc)}") from None
+
+
+async def _connect_async() -> psycopg.AsyncConnection:
+    info = _conninfo()
+    try:
+        return await psycopg.AsyncConnection.connect(info, autocommit=True)
     except psycopg.OperationalError as exc:
         raise CommandError(f"cannot connect to the database: {_one_line(exc)}") from None
 
@@ -285,24 +301,32 @@ def cmd_outbox_dead(args: argparse.Namespace) -> int:
 
 def cmd_outbox_redrive(args: argparse.Namespace) -> int:
     progress = _Progress()
-    with _connect() as conn:
-        try:
-            count = redrive(
+
+    async def run() -> Redriven:
+        async with await _connect_async() as conn:
+            return await redrive(
                 conn,
                 args.consumer,
                 since=args.since,
                 batch_size=args.batch_size,
                 progress=lambda n: progress.show(f"{n} redriven…"),
             )
-        except UnknownConsumerError as exc:
-            raise CommandError(str(exc)) from None
-        finally:
-            progress.finish()
+
+    try:
+        result = asyncio.run(run())
+    except UnknownConsumerError as exc:
+        raise CommandError(str(exc)) from None
+    finally:
+        progress.finish()
     if args.json:
-        _print(render.to_json({"consumer": args.consumer, "redriven": count}))
+        _print(render.to_json({"consumer": args.consumer, "redriven": result.requeued,
+                               "out_of_order_subjects": result.out_of_order_subjects}))
     else:
+        count, late = result.requeued, result.out_of_order_subjects
         noun = "delivery" if count == 1 else "deliveries"
-        _print(f"{count} dead {noun} of {args.consumer} back to pending")
+        subjects = "subject" if late == 1 else "subjects"
+        _print(f"{count} dead {noun} of {args.consumer} back to pending; {late} {subjects} will "
+               "receive an event after a later one (out of order)")
     return 0
 
 
@@ -444,8 +468,10 @@ def build_parser() -> argparse.ArgumentParser:
         "redrive",
         "put a consumer's dead deliveries back to pending",
         cmd_outbox_redrive,
-        "Put the dead deliveries of one consumer back to pending, due now, with their attempt "
-        "count reset; prints how many. Works in batches, each committed on its own.",
+        "Put the dead deliveries of one consumer back to pending, due now (parked until it is "
+        "enabled, for a disabled endpoint), with their attempt count reset; prints how many, "
+        "and how many subjects will receive a redriven event after a later event of theirs "
+        "(out of order, docs/relay.md). Works in batches, each committed on its own.",
     )
     redrive_cmd.add_argument(
         "--consumer",

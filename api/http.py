@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -24,6 +25,15 @@ class JSONResponse(Response):
 
     def render(self, content: Any) -> bytes:
         return content if isinstance(content, bytes) else orjson.dumps(content)
+
+
+def exact_integer(value: int | Decimal) -> int | orjson.Fragment:
+    """A whole number as an exact JSON integer of any size (a `numeric` column's value): orjson
+    writes integers of up to 64 bits itself, larger ones go in as their digits."""
+    number = int(value)
+    if -(2**63) <= number < 2**64:
+        return number
+    return orjson.Fragment(str(number).encode())
 
 
 def json_response(

@@ -435,7 +435,20 @@ def document() -> dict[str, Any]:
                 "Requeue dead deliveries since a time",
                 _obj({"since": _TS}, ["since"], extra=False),
                 202,
-                _obj({"requeued": {"type": "integer", "minimum": 0}}),
+                _obj(
+                    {
+                        "requeued": {"type": "integer", "minimum": 0},
+                        "out_of_order_subjects": {
+                            "type": "integer",
+                            "minimum": 0,
+                            "description": "Subjects (ordering keys) whose events the endpoint "
+                            "will receive out of order: a requeued event arrives after a later "
+                            "event of the same subject that was delivered, or was in flight, "
+                            "when the request ran. The receiver sees a `sequence` lower than one "
+                            "it already processed for that subject.",
+                        },
+                    }
+                ),
                 [_ID_PARAM],
             )
         },

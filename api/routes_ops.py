@@ -12,7 +12,7 @@ from starlette.routing import Route
 
 from api import uow, validate
 from api.errors import Unavailable
-from api.http import json_response
+from api.http import exact_integer, json_response
 from api.metrics import exposition
 from api.openapi import document
 from ledger.service import Merchant
@@ -57,10 +57,10 @@ async def daily_report(request: Request) -> Response:
         currencies = {
             row[0]: {
                 "payments_count": row[1],
-                "payments_amount": row[2],
-                "refunds_amount": row[3],
-                "deposits_amount": row[4],
-                "payouts_amount": row[5],
+                "payments_amount": exact_integer(row[2]),
+                "refunds_amount": exact_integer(row[3]),
+                "deposits_amount": exact_integer(row[4]),
+                "payouts_amount": exact_integer(row[5]),
             }
             for row in await cur.fetchall()
         }

@@ -23,8 +23,9 @@ from api.http import json_body
 from api.lists import fetch_one, fetch_page
 from ledger.ids import new_id
 from ledger.service import Merchant
-from outbox.consumers import disable_consumer, enable_consumer, redrive_dead
+from outbox.consumers import delete_consumer, disable_consumer, enable_consumer
 from outbox.envelope import rfc3339
+from outbox.redrive import redrive
 from outbox.signing import new_secret
 from outbox.urlguard import UrlRefused, check_url_async
 
@@ -197,8 +198,8 @@ async def delete_endpoint(request: Request) -> Response:
 
     async def run(conn: AsyncConnection, merchant: Merchant) -> Result:
         await _owned(conn, merchant, endpoint_id)
-        await conn.execute("DELETE FROM outbox.deliveries WHERE consumer = %s", (endpoint_id,))
-        await conn.execute("DELETE FROM outbox.consumers WHERE name = %s", (endpoint_id,))
+        # Also the deliveries of publishers still committing: it waits for them.
+        await delete_consumer(conn, endpoint_id)
         await conn.execute("DELETE FROM webhook_endpoints WHERE id = %s", (endpoint_id,))
         return 204, None
 
@@ -253,8 +254,13 @@ async def recover(request: Request) -> Response:
 
     async def run(conn: AsyncConnection, merchant: Merchant) -> Result:
         await _owned(conn, merchant, endpoint_id)
-        requeued = await redrive_dead(conn, endpoint_id, since)
-        return 202, {"requeued": requeued}
+        # The batches commit on a connection of their own, so that a million dead deliveries
+        # never become one transaction; this request's transaction keeps the Idempotency-Key
+        # reserved meanwhile and records the answer.
+        async with uow.pool_of(request).connection() as batches:
+            result = await redrive(batches, endpoint_id, since)
+        return 202, {"requeued": result.requeued,
+                     "out_of_order_subjects": result.out_of_order_subjects}
 
     return await uow.write(request, body, run)
 

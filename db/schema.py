@@ -19,6 +19,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     MetaData,
+    Numeric,
     PrimaryKeyConstraint,
     SmallInteger,
     Table,
@@ -222,10 +223,11 @@ daily_reports = Table(
     Column("day", Date, nullable=False),
     Column("currency", Text, nullable=False),
     Column("payments_count", BigInteger, nullable=False, server_default=text("0")),
-    Column("payments_amount", BigInteger, nullable=False, server_default=text("0")),
-    Column("refunds_amount", BigInteger, nullable=False, server_default=text("0")),
-    Column("deposits_amount", BigInteger, nullable=False, server_default=text("0")),
-    Column("payouts_amount", BigInteger, nullable=False, server_default=text("0")),
+    # numeric: a day's sum of amounts (each up to 10^15) has no upper bound.
+    Column("payments_amount", Numeric, nullable=False, server_default=text("0")),
+    Column("refunds_amount", Numeric, nullable=False, server_default=text("0")),
+    Column("deposits_amount", Numeric, nullable=False, server_default=text("0")),
+    Column("payouts_amount", Numeric, nullable=False, server_default=text("0")),
     PrimaryKeyConstraint("merchant_id", "day", "currency"),
     comment="Daily totals per merchant and currency, maintained by the reports handler consumer.",
 )
@@ -333,6 +335,19 @@ deliveries = Table(
         postgresql_where=text("status = 'pending'"),
     ),
     Index("ix_deliveries_dead", "consumer", "dead_since", postgresql_where=text("status = 'dead'")),
+    Index(
+        "ix_deliveries_subject_dead",
+        "consumer",
+        "subject",
+        "sequence",
+        postgresql_where=text("status = 'dead'"),
+    ),
+    Index(
+        "ix_deliveries_leased",
+        "consumer",
+        "subject",
+        postgresql_where=text("lease_token IS NOT NULL"),
+    ),
     Index(
         "ix_deliveries_delivered",
         "delivered_at",

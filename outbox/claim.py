@@ -11,8 +11,10 @@ The lease lives in `next_attempt_at`: a claim pushes it to the end of the lease 
 that dies simply lets it run out. Completion presents the token, so a relay whose lease expired
 (and whose row was claimed again) cannot complete it a second time.
 
-A delivery is claimable when it is pending, due, and the oldest pending delivery of its
-(consumer, subject): per-subject order for every consumer, while a dead delivery stops blocking.
+A delivery is claimable when it is pending, due, the oldest pending delivery of its (consumer,
+subject), and no other delivery of that (consumer, subject) is in flight (holds a live lease):
+per-subject order for every consumer, while a dead delivery stops blocking, and at most one
+delivery of a subject in flight even when a redrive brings an earlier one back.
 
 Webhook deliveries are claimed and committed before the HTTP call (`claim_webhooks`), handler
 deliveries are claimed inside the transaction that applies them (`claim_for_handler`).
@@ -53,11 +55,30 @@ def _pending_in_subject(before_or_after: Literal["<", ">"]) -> str:
 """
 
 
+# Another delivery of d's consumer and subject holds a live lease: it is in flight. Only
+# ix_deliveries_leased, which holds nothing but leased rows, serves its quals.
+_IN_FLIGHT_IN_SUBJECT = """
+    SELECT 1 FROM outbox.deliveries p
+    WHERE p.consumer = d.consumer AND p.subject = d.subject
+      AND p.lease_token IS NOT NULL AND p.next_attempt_at > now()
+    OFFSET 0
+"""
+
+# The order check is made twice. The sub-select reads the claim's snapshot and rules out the many
+# deliveries queued behind a predecessor cheaply. `outbox.is_first_pending` makes it again with a
+# snapshot of its own, for the one case a snapshot cannot see: a redrive that brought an earlier
+# delivery back from dead and committed after the claim began. Such a redrive rewrites the later
+# pending deliveries of the subject in the same transaction, so a claim that reaches one of them
+# afterwards finds it changed and PostgreSQL evaluates this predicate again on it; only a fresh
+# snapshot then sees the predecessor (docs/relay.md, Ordering). The function costs the most, so
+# it runs last, on the rows everything else let through.
 _CLAIMABLE = f"""
       d.status = 'pending'
   AND d.next_attempt_at <= now()
   AND d.next_attempt_at < 'infinity'
   AND NOT EXISTS ({_pending_in_subject('<')})
+  AND NOT EXISTS ({_IN_FLIGHT_IN_SUBJECT})
+  AND outbox.is_first_pending(d.consumer, d.subject, d.sequence)
 """
 
 _LEASE_AND_RETURN = """

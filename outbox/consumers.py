@@ -1,17 +1,21 @@
-"""Turning consumers off and on, and giving dead deliveries another chance.
+"""Turning consumers off and on, and deleting them.
 
-All three run in the caller's transaction (the API's request, the CLI, or the relay when an
-endpoint answers 410) and never commit.
+All of it runs in the caller's transaction (the API's request, the CLI, or the relay when an
+endpoint answers 410) and never commits.
 
 A disabled consumer gets no new deliveries (fan-out skips it) and its pending ones are parked
 with `next_attempt_at = 'infinity'`: they keep their place in each subject's order, and
-re-enabling makes them due at once. A delivery in flight while its consumer is disabled keeps its
-lease; if the attempt fails it stays parked (outbox.claim.COMPLETE_WEBHOOKS).
+re-enabling makes them due at once. None of these operations touches a lease: a delivery in
+flight while its consumer is disabled keeps its lease (so nothing else of its subject is
+claimable) and its answer is recorded; if the attempt fails it is parked then
+(outbox.claim.COMPLETE_WEBHOOKS).
+
+Disabling and deleting first take the merchant's consumers lock exclusively: publishers hold it
+shared until they commit (outbox/publish.py), so the statements that follow, with a fresh
+snapshot, also see the deliveries those publishers fanned out.
 """
 
 from __future__ import annotations
-
-from datetime import datetime
 
 from psycopg import AsyncConnection
 
@@ -26,8 +30,9 @@ WITH k AS (
     WHERE id = %(name)s
 )
 UPDATE outbox.deliveries
-SET next_attempt_at = 'infinity'
+SET next_attempt_at = 'infinity', lease_token = NULL, leased_by = NULL
 WHERE consumer = %(name)s AND status = 'pending'
+  AND (lease_token IS NULL OR next_attempt_at <= now())
 """
 
 _ENABLE = """
@@ -39,40 +44,40 @@ WITH k AS (
     WHERE id = %(name)s
 )
 UPDATE outbox.deliveries
-SET next_attempt_at = now(), lease_token = NULL, leased_by = NULL
+SET next_attempt_at = now()
 WHERE consumer = %(name)s AND status = 'pending' AND next_attempt_at = 'infinity'
 """
 
 _EXISTS = "SELECT enabled FROM outbox.consumers WHERE name = %s"
 
-# Waits for the merchant's publishers in flight (they hold the lock shared, outbox/publish.py), so
-# the next statement, with a fresh snapshot, also parks the deliveries they fanned out.
 _HOLD_PUBLISHERS = f"""
 SELECT enabled, pg_advisory_xact_lock({CONSUMERS_LOCK % 'merchant_id'})
 FROM outbox.consumers WHERE name = %s
 """
 
-_REDRIVE = """
-WITH r AS (
-UPDATE outbox.deliveries d
-SET status = 'pending', attempts = 0, dead_since = NULL,
-    next_attempt_at = CASE WHEN k.enabled THEN now() ELSE 'infinity'::timestamptz END,
-    lease_token = NULL, leased_by = NULL
-FROM outbox.consumers k
-WHERE k.name = d.consumer
-  AND d.consumer = %(name)s AND d.status = 'dead'
-  AND (%(since)s::timestamptz IS NULL OR d.dead_since >= %(since)s::timestamptz)
-RETURNING 1
+_DELETE = """
+WITH gone AS (
+    DELETE FROM outbox.deliveries WHERE consumer = %(name)s
 )
-SELECT count(*) FROM r
+DELETE FROM outbox.consumers WHERE name = %(name)s
 """
+
+
+async def hold_publishers(conn: AsyncConnection, name: str) -> bool:
+    """Wait for the publishers in flight of consumer `name`'s merchant and keep new ones out
+    until the caller's transaction ends. False when there is no such consumer.
+
+    Take it before any row lock of the consumer's deliveries, as every operation here does, so
+    that two of them cannot wait for each other."""
+    cur = await conn.execute(_HOLD_PUBLISHERS, (name,))
+    return await cur.fetchone() is not None
 
 
 async def disable_consumer(conn: AsyncConnection, name: str, reason: str) -> bool:
     """Disable consumer `name` (for a webhook, also its endpoint, with `reason` as
-    disabled_reason) and park its pending deliveries. False when there is no such consumer."""
-    cur = await conn.execute(_HOLD_PUBLISHERS, (name,))
-    if await cur.fetchone() is None:
+    disabled_reason) and park its pending deliveries, except those in flight. False when there
+    is no such consumer."""
+    if not await hold_publishers(conn, name):
         return False
     await conn.execute(_DISABLE, {"name": name, "reason": reason})
     return True
@@ -88,11 +93,10 @@ async def enable_consumer(conn: AsyncConnection, name: str) -> bool:
     return True
 
 
-async def redrive_dead(conn: AsyncConnection, name: str, since: datetime | None = None) -> int:
-    """Put consumer `name`'s dead deliveries (dead since `since`, or all) back to pending with a
-    fresh retry schedule; the attempt log keeps the history. Returns how many."""
-    # A count from a result row, not cur.rowcount: in pipeline mode rowcount is unknown until the
-    # pipeline syncs.
-    cur = await conn.execute(_REDRIVE, {"name": name, "since": since})
-    row = await cur.fetchone()
-    return int(row[0]) if row else 0
+async def delete_consumer(conn: AsyncConnection, name: str) -> bool:
+    """Delete consumer `name` and every delivery of it, including those fanned out by
+    publishers still in flight when it was called. False when there is no such consumer."""
+    if not await hold_publishers(conn, name):
+        return False
+    await conn.execute(_DELETE, {"name": name})
+    return True

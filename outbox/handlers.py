@@ -5,7 +5,9 @@ those deliveries and marks them delivered, so the effect and the record of deliv
 together (or not at all). A handler must therefore only touch the database through `conn`, never
 commit, and be deterministic enough to be re-run on the same events after a rollback.
 
-Built in: `reports`, which keeps `daily_reports` (what `GET /v1/reports/daily` serves).
+Built in: `reports`, which keeps `daily_reports` (what `GET /v1/reports/daily` serves). Its
+amounts are `numeric`: exact for any sum of amounts, so no day's volume can make an event fail
+(and die, and take every later money event of that merchant and day with it).
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ _REPORT_COLUMNS = {
 _UPSERT_REPORTS = """
 INSERT INTO public.daily_reports AS r (merchant_id, day, currency, payments_count,
     payments_amount, refunds_amount, deposits_amount, payouts_amount)
-SELECT * FROM unnest(%s::text[], %s::date[], %s::text[], %s::bigint[], %s::bigint[],
-                     %s::bigint[], %s::bigint[], %s::bigint[])
+SELECT * FROM unnest(%s::text[], %s::date[], %s::text[], %s::bigint[], %s::numeric[],
+                     %s::numeric[], %s::numeric[], %s::numeric[])
 ON CONFLICT (merchant_id, day, currency) DO UPDATE SET
     payments_count = r.payments_count + excluded.payments_count,
     payments_amount = r.payments_amount + excluded.payments_amount,

@@ -40,7 +40,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from admin.retention import PurgeCounts, purge, purge_idempotency_keys
 from outbox import claim
 from outbox.claim import Claimed, Completion
-from outbox.consumers import disable_consumer
+from outbox.consumers import disable_consumer, hold_publishers
 from outbox.envelope import Event
 from outbox.handlers import HANDLERS, Handler
 from relay import sdnotify
@@ -525,10 +525,7 @@ class Relay:
             try:
                 async with self._pool.connection(timeout=_GETCONN_TIMEOUT) as conn:
                     async with conn.transaction():
-                        for consumer in sorted({r.claimed.consumer for r in batch
-                                                if r.outcome == "park"}):
-                            await disable_consumer(conn, consumer, GONE_REASON)
-                        done = await claim.complete_webhooks(conn, batch)
+                        done = await self._complete_and_disable_gone(conn, batch)
             except _DB_ERRORS as exc:
                 if self._draining:
                     log.warning("cannot write results while stopping: %s", _one(exc))
@@ -545,6 +542,21 @@ class Relay:
             # Completing an event can make the next one of its subject claimable.
             await self._claim_successors(batch, done)
             self._kick.set()
+
+    @staticmethod
+    async def _complete_and_disable_gone(
+        conn: psycopg.AsyncConnection[Any], batch: list[Completion]
+    ) -> dict[tuple[str, str], bool]:
+        """Write a batch of results; a 410 disables its endpoint only when its lease was still
+        held: a relay whose lease ran out (and was perhaps taken over) changes nothing."""
+        parked = sorted({r.claimed.consumer for r in batch if r.outcome == "park"})
+        for consumer in parked:  # before the completion's row locks, as disabling does
+            await hold_publishers(conn, consumer)
+        done = await claim.complete_webhooks(conn, batch)
+        for consumer in sorted({r.claimed.consumer for r in batch if r.outcome == "park"
+                                and (r.claimed.consumer, r.claimed.event.id) in done}):
+            await disable_consumer(conn, consumer, GONE_REASON)
+        return done
 
     async def _release_given_back(self) -> None:
         """Release deliveries that went back from the waiting queue; on failure their leases

@@ -464,3 +464,79 @@ def test_random_movements_match_a_model(db_url: str, api: Api, ops: list) -> Non
                 assert_problem(api.refund(pay_id, 1), 409, "refund_exceeds_payment")
     assert [api.balance(a) for a in accts] == model
     assert_conserved(db_url)
+
+
+# --- balances at the edge of their range --------------------------------------------------------
+
+BALANCE_MAX = 2**63 - 1  # accounts.balance is a bigint
+
+
+def move_by_hand(db_url: str, lines: list[tuple[str, int]]) -> None:
+    """Ledger lines (account, signed amount) that sum to zero, written the way the ledger writes
+    them (entries with balance_after, and the balances): a history that took many movements."""
+    from ledger.ids import new_id
+
+    assert sum(delta for _, delta in lines) == 0
+    ref = new_id("dep")
+    for account, delta in lines:
+        execute(
+            db_url,
+            "WITH a AS (UPDATE accounts SET balance = balance + %(d)s WHERE id = %(a)s"
+            " RETURNING currency, balance)"
+            " INSERT INTO ledger_entries (id, account_id, amount, balance_after, currency, ref)"
+            " SELECT %(id)s, %(a)s, %(d)s, a.balance, a.currency, %(ref)s FROM a",
+            {"a": account, "d": delta, "id": new_id("ent"), "ref": ref},
+        )
+
+
+@pytest.mark.parametrize("idem", [None, "edge"], ids=["no key", "Idempotency-Key"])
+@pytest.mark.parametrize(
+    "case",
+    ["deposit: the account", "deposit: the funding account", "payment: the destination",
+     "refund: the payer", "payout: the settlement account"],
+)
+def test_a_balance_that_would_leave_its_range_is_a_clear_400(
+    db_url: str, api: Api, merchant: NewKey, case: str, idem: str | None
+) -> None:
+    """Customer balances grow without bound with deposits and payments, system accounts with the
+    merchant's whole volume (funding goes negative). A movement that would take one past what a
+    balance can hold is refused like bad input: 400 `invalid_request` on `amount`, nothing
+    written, no event, never a 500 (with an Idempotency-Key too, on the payment's SQL path as on
+    the others)."""
+    big = MAX_AMOUNT
+    account = api.account()["id"]
+    funding = system_account(db_url, merchant.merchant_id, "funding")
+    settlement = system_account(db_url, merchant.merchant_id, "settlement")
+    if case == "deposit: the account":
+        move_by_hand(db_url, [(funding, -(edge := BALANCE_MAX - big + 1)), (account, edge)])
+        path, body = "/v1/deposits", {"account": account, "amount": big, "currency": "USD"}
+    elif case == "deposit: the funding account":
+        other = api.account()["id"]
+        move_by_hand(db_url, [(funding, -(2**62)), (other, 2**62)])
+        move_by_hand(db_url, [(funding, -(2**62 - big + 1)), (account, 2**62 - big + 1)])
+        path, body = "/v1/deposits", {"account": api.account()["id"], "amount": big,
+                                      "currency": "USD"}
+    elif case == "payment: the destination":
+        source = api.funded_account(big)["id"]
+        move_by_hand(db_url, [(funding, -(edge := BALANCE_MAX - big + 1)), (account, edge)])
+        path, body = "/v1/payments", {"source": source, "destination": account, "amount": big,
+                                      "currency": "USD"}
+    elif case == "refund: the payer":
+        api.deposit(account, big)
+        payment = api.payment(account, api.account()["id"], big)
+        move_by_hand(db_url, [(funding, -(edge := BALANCE_MAX - big + 1)), (account, edge)])
+        path, body = f"/v1/payments/{payment['id']}/refunds", {}
+    else:
+        api.deposit(account, big)
+        move_by_hand(db_url, [(funding, -(BALANCE_MAX - big)), (settlement, BALANCE_MAX - big)])
+        move_by_hand(db_url, [(funding, -1), (settlement, 1)])
+        path, body = "/v1/payouts", {"account": account, "amount": big, "currency": "USD"}
+    assert_conserved(db_url)
+    before = snapshot(db_url)
+
+    for _ in range(2):  # and again (with the same key): the same answer, still nothing written
+        problem = assert_problem(api.post(path, body, idem=idem), 400, "invalid_request",
+                                 "amount")
+        assert "balance" in problem["detail"], problem
+        assert snapshot(db_url) == before
+    assert_conserved(db_url)

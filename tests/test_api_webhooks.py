@@ -3,14 +3,17 @@ validation, and the deliveries list and recover (rows created by real payments' 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from psycopg import AsyncConnection
 from standardwebhooks import Webhook
 
+from ledger import service
 from ledger.merchants import NewKey
 from tests.apihelpers import (
     Api,
@@ -271,6 +274,47 @@ def test_payments_api_refuses_a_bad_cap(value: str) -> None:
     assert len(lines) == 1 and "OUTBOX_WEBHOOK_ENDPOINTS_PER_MERCHANT" in lines[0], result.stderr
 
 
+async def test_deleting_an_endpoint_while_a_payment_fans_out_to_it_leaves_nothing_behind(
+    db_url: str, api: Api, merchant: NewKey
+) -> None:
+    """A payment's transaction has fanned out to the endpoint and not committed yet when the
+    endpoint is deleted: the delete waits for it and takes its deliveries too, instead of
+    leaving pending deliveries of a consumer that no longer exists (two real connections)."""
+    we = endpoint(api, ["*"])
+    source = api.funded_account(100)["id"]
+    destination = api.account()["id"]
+    [(before,)] = query(db_url, "SELECT count(*) FROM outbox.deliveries WHERE consumer = %s",
+                        (we["id"],))
+    async with await AsyncConnection.connect(db_url) as publisher:
+        async with publisher.transaction():
+            paid = await service.create_payment(
+                publisher, service.Merchant(merchant.merchant_id), source, destination, 10, "USD")
+            assert paid.error is None
+            cur = await publisher.execute(
+                "SELECT count(*) FROM outbox.deliveries WHERE consumer = %s", (we["id"],))
+            # Three more, uncommitted: the delete cannot see them.
+            assert await cur.fetchone() == (before + 3,)
+            deleting = asyncio.create_task(
+                asyncio.to_thread(api.delete, f"/v1/webhook_endpoints/{we['id']}"))
+            for _ in range(400):
+                waiting = query(
+                    db_url,
+                    "SELECT 1 FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND wait_event_type = 'Lock' AND pid <> %s",
+                    (publisher.info.backend_pid,),
+                )
+                if waiting or deleting.done():
+                    break
+                await asyncio.sleep(0.025)
+        resp = await asyncio.wait_for(deleting, 30)
+    assert resp.status_code == 204, resp.text
+    assert query(db_url, "SELECT count(*) FROM outbox.deliveries WHERE consumer = %s",
+                 (we["id"],)) == [(0,)]
+    assert query(db_url, "SELECT count(*) FROM outbox.consumers WHERE name = %s",
+                 (we["id"],)) == [(0,)]
+    assert_conserved(db_url)
+
+
 # --- validation at registration -------------------------------------------------------------------
 
 
@@ -471,14 +515,15 @@ def test_recover_requeues_dead_deliveries_since(db_url: str, api: Api) -> None:
 
     resp = api.post(path, {"since": rfc3339(now - timedelta(hours=1))})
     assert resp.status_code == 202, resp.text
-    assert resp.json() == {"requeued": 1}
+    assert resp.json() == {"requeued": 1, "out_of_order_subjects": 0}
     state = {d["event"]: d["status"] for d in deliveries(api, we["id"])}
     assert state == {old: "dead", recent: "pending", pending: "pending"}
 
     resp = api.post(path, {"since": rfc3339(now - timedelta(days=1))})
-    assert resp.json() == {"requeued": 1}
+    assert resp.json() == {"requeued": 1, "out_of_order_subjects": 0}
     assert {d["status"] for d in deliveries(api, we["id"])} == {"pending"}
-    assert api.post(path, {"since": rfc3339(now - timedelta(days=1))}).json() == {"requeued": 0}
+    assert api.post(path, {"since": rfc3339(now - timedelta(days=1))}).json() == {
+        "requeued": 0, "out_of_order_subjects": 0}
     # a requeued delivery is due again and pending in the table too
     rows = query(db_url, "SELECT status, next_attempt_at <= now() FROM outbox.deliveries "
                          "WHERE consumer = %s", (we["id"],))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -13,7 +14,8 @@ from psycopg import AsyncConnection
 
 from outbox import claim
 from outbox.claim import Claimed, Completion
-from outbox.consumers import disable_consumer, enable_consumer, redrive_dead
+from outbox.consumers import disable_consumer, enable_consumer
+from outbox.redrive import REDRIVE_BATCH, Redriven, redrive
 
 WEBHOOK = "we_test"
 
@@ -160,9 +162,8 @@ async def test_redrive_puts_dead_back_with_a_fresh_schedule(
     claimed = await _claim(auto)
     async with auto.transaction():
         await claim.complete_webhooks(auto, [_result(c, "dead") for c in claimed])
-    async with auto.transaction():
-        assert await redrive_dead(auto, WEBHOOK, since=datetime(2100, 1, 1, tzinfo=UTC)) == 0
-        assert await redrive_dead(auto, WEBHOOK) == 2
+    assert await redrive(auto, WEBHOOK, since=datetime(2100, 1, 1, tzinfo=UTC)) == Redriven(0, 0)
+    assert await redrive(auto, WEBHOOK) == Redriven(2, 0)
     again = await _claim(auto)
     assert len(again) == 2 and all(c.attempts == 0 for c in again)
 
@@ -268,6 +269,7 @@ async def test_claim_query_uses_the_partial_claim_index(db_url: str) -> None:
         )
     assert "Index Scan using ix_deliveries_claim" in plan, plan
     assert "ix_deliveries_subject_pending" in plan, plan  # the per-subject order check
+    assert "ix_deliveries_leased" in plan, plan  # the in-flight check
     assert "Seq Scan on deliveries" not in plan, plan
 
 
@@ -287,8 +289,95 @@ async def test_successors_are_claimed_only_when_claimable(
     async with auto.transaction():
         await claim.complete_webhooks(auto, [_result(a1, "retry", delay=0)])
     assert await successors() == ["evt_a1"]  # the oldest pending is a1 again, not a2
-    await auto.execute(
-        "UPDATE outbox.deliveries SET status = 'delivered' WHERE event_id = 'evt_a1'"
+    await auto.execute(  # as a completion does: delivered, and the lease ends with it
+        "UPDATE outbox.deliveries SET status = 'delivered', lease_token = NULL"
+        " WHERE event_id = 'evt_a1'"
     )
     assert await successors() == ["evt_a2"]
     assert await successors() == []
+
+
+async def test_disable_and_enable_leave_a_lease_in_flight_alone(
+    db_url: str, auto: AsyncConnection
+) -> None:
+    """Disabling and enabling an endpoint while one of its attempts is in flight: the lease runs
+    on, neither a second copy nor the subject's next event becomes claimable, and the attempt's
+    answer is still recorded."""
+    _seed(db_url, [("evt_a1", "a", 1), ("evt_a2", "a", 2)])
+    [a1] = await _claim(auto)
+    async with auto.transaction():
+        assert await disable_consumer(auto, WEBHOOK, "testing")
+    async with auto.transaction():
+        assert await enable_consumer(auto, WEBHOOK)
+    assert await _claim(auto) == []
+    async with auto.transaction():
+        done = await claim.complete_webhooks(auto, [_result(a1, "delivered", code=204)])
+    assert done == {(WEBHOOK, "evt_a1"): True}
+    assert [c.event.id for c in await _claim(auto)] == ["evt_a2"]
+
+
+async def test_a_redriven_delivery_waits_for_a_later_one_in_flight(
+    db_url: str, auto: AsyncConnection
+) -> None:
+    """a1 is dead, so a2 went out; redriving a1 while a2 is in flight must not send a1 beside it:
+    a1 waits until a2's attempt is answered, then goes (after a2: the documented case of an
+    event out of order)."""
+    _seed(db_url, [("evt_a1", "a", 1), ("evt_a2", "a", 2), ("evt_b1", "b", 1)])
+    first = await _claim(auto)
+    a1 = next(c for c in first if c.event.id == "evt_a1")
+    async with auto.transaction():
+        await claim.complete_webhooks(auto, [_result(a1, "dead")])
+    [a2] = await _claim(auto)
+    assert a2.event.id == "evt_a2"
+    # a2, in flight, was sent before a1: one subject out of order.
+    assert await redrive(auto, WEBHOOK) == Redriven(1, 1)
+    assert await _claim(auto) == []  # a2 is in flight: a1 waits
+    async with auto.transaction():
+        await claim.complete_webhooks(auto, [_result(a2, "delivered", code=204)])
+    assert [c.event.id for c in await _claim(auto)] == ["evt_a1"]
+
+
+async def test_a_claim_that_began_before_a_redrive_committed_does_not_overtake_it(
+    db_url: str, auto: AsyncConnection
+) -> None:
+    """The race a snapshot cannot see: a claim whose snapshot was taken while a1 was still dead
+    reaches a2 after the redrive of a1 committed. The redrive rewrote a2, so PostgreSQL evaluates
+    the claimable predicate again on it (as for any row changed after a claim's snapshot), and
+    its fresh order check sees a1 pending: a2 is not taken. (The claims skip locked rows; this
+    claim waits for the lock instead, to meet the redrive's commit at a known moment.)"""
+    _seed(db_url, [("evt_a1", "a", 1), ("evt_a2", "a", 2)])
+    [a1] = await _claim(auto)
+    async with auto.transaction():
+        await claim.complete_webhooks(auto, [_result(a1, "dead")])
+
+    async with await AsyncConnection.connect(db_url) as redriving, \
+            await AsyncConnection.connect(db_url, autocommit=True) as claiming:
+
+        async def claim_waiting_for_locks() -> list[str]:
+            cur = await claiming.execute(
+                f"SELECT d.event_id FROM outbox.deliveries d"
+                f" WHERE d.consumer = %s AND {claim._CLAIMABLE} FOR UPDATE OF d",
+                (WEBHOOK,),
+            )
+            return [row[0] for row in await cur.fetchall()]
+
+        async with redriving.transaction():
+            cur = await redriving.execute(
+                REDRIVE_BATCH,
+                {"consumer": WEBHOOK, "since": None, "batch_size": 10, "after_subject": "",
+                 "after_sequence": 0},
+            )
+            assert (await cur.fetchone())[:3] == (1, 1, 0)  # type: ignore[index]
+            task = asyncio.create_task(claim_waiting_for_locks())
+            for _ in range(400):
+                waits = await auto.execute(
+                    "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s",
+                    (claiming.info.backend_pid,),
+                )
+                if await waits.fetchone() == ("Lock",):
+                    break
+                await asyncio.sleep(0.025)
+            else:
+                raise AssertionError("the claim did not wait for the row the redrive rewrote")
+        assert await asyncio.wait_for(task, 30) == []
+    assert [c.event.id for c in await _claim(auto)] == ["evt_a1"]

@@ -534,7 +534,8 @@ def test_outbox_redrive_one_consumer_since(db_url: str, outbox: Outbox) -> None:
     outbox.delivery(a, e_pending, attempts=3, next_attempt_at=NOW + DAY)
 
     out = ok(db_url, "outbox", "redrive", "--consumer", a, "--since", since.isoformat())
-    assert out == f"2 dead deliveries of {a} back to pending\n"
+    assert out == (f"2 dead deliveries of {a} back to pending; 0 subjects will receive an event "
+                   "after a later one (out of order)\n")
 
     for event in (e_new1, e_new2):
         row = outbox.delivery_row(a, event)
@@ -557,10 +558,12 @@ def test_outbox_redrive_one_consumer_since(db_url: str, outbox: Outbox) -> None:
     assert ok_json(db_url, "outbox", "redrive", "--consumer", a, "--batch-size", "1", "--json") == {
         "consumer": a,
         "redriven": 1,
+        "out_of_order_subjects": 0,
     }
     assert ok_json(db_url, "outbox", "dead", "--consumer", a, "--json") == []
     assert ok(db_url, "outbox", "redrive", "--consumer", a) == (
-        f"0 dead deliveries of {a} back to pending\n"
+        f"0 dead deliveries of {a} back to pending; 0 subjects will receive an event after a "
+        "later one (out of order)\n"
     )
 
 
@@ -582,6 +585,47 @@ def test_outbox_redrive_accepts_an_offset(db_url: str, outbox: Outbox) -> None:
         "--json",
     )  # fmt: skip
     assert got["redriven"] == 1
+
+
+def test_outbox_redrive_counts_the_subjects_that_will_see_an_event_out_of_order(
+    db_url: str, outbox: Outbox
+) -> None:
+    """A redriven event arrives after the later events of its subject that were delivered (or
+    are in flight) meanwhile. Counted per subject, once, across batches."""
+    a = outbox.consumer()
+    late = outbox.event()  # dead, a later one delivered: out of order
+    outbox.dead(a, late, NOW)
+    outbox.delivery(a, outbox.event(subject=late.subject), "delivered", delivered_at=NOW)
+    twice = outbox.event()  # two dead around a delivered one: one subject
+    outbox.dead(a, twice, NOW)
+    outbox.delivery(a, outbox.event(subject=twice.subject), "delivered", delivered_at=NOW)
+    outbox.dead(a, outbox.event(subject=twice.subject), NOW)
+    flight = outbox.event()  # a later one in flight: out of order too
+    outbox.dead(a, flight, NOW)
+    outbox.delivery(a, outbox.event(subject=flight.subject), leased=True,
+                    next_attempt_at=NOW + DAY)
+    last = outbox.event()  # the latest of its subject: in order
+    outbox.delivery(a, last, "delivered", delivered_at=NOW)
+    outbox.dead(a, outbox.event(subject=last.subject), NOW)
+    waiting = outbox.event()  # later ones not sent yet: they wait for it, in order
+    outbox.dead(a, waiting, NOW)
+    outbox.delivery(a, outbox.event(subject=waiting.subject), attempts=2)
+
+    assert ok_json(db_url, "outbox", "redrive", "--consumer", a, "--batch-size", "1",
+                   "--json") == {"consumer": a, "redriven": 6, "out_of_order_subjects": 3}
+
+
+def test_outbox_redrive_of_a_disabled_consumer_stays_parked(db_url: str, outbox: Outbox) -> None:
+    a = outbox.consumer()
+    event = outbox.event()
+    outbox.dead(a, event, NOW)
+    outbox.conn.execute("UPDATE outbox.consumers SET enabled = false WHERE name = %s", (a,))
+    assert ok_json(db_url, "outbox", "redrive", "--consumer", a, "--json")["redriven"] == 1
+    parked = outbox.conn.execute(
+        "SELECT status, isfinite(next_attempt_at) FROM outbox.deliveries WHERE event_id = %s",
+        (event.event,),
+    ).fetchone()
+    assert parked == ("pending", False), "parked until the consumer is enabled, not due"
 
 
 def test_outbox_redrive_unknown_consumer(db_url: str) -> None:

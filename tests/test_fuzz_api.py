@@ -263,19 +263,21 @@ def test_nul_characters_are_400_not_500(db_url: str, api: Api) -> None:
 
 
 def test_recover_reports_how_many_deliveries_it_requeued(db_url: str, api: Api) -> None:
-    """POST /v1/webhook_endpoints/{id}/recover answers {requeued: N}, N >= 0 the number of dead
-    deliveries put back to pending (docs/api.md)."""
+    """POST /v1/webhook_endpoints/{id}/recover answers {requeued: N, out_of_order_subjects: M},
+    N >= 0 the number of dead deliveries put back to pending (docs/api.md)."""
     source = api.funded_account(1_000)["id"]
     endpoint = created(api.post("/v1/webhook_endpoints", {"url": PUBLIC_URL, "event_types": ["*"]}))
     path = f"/v1/webhook_endpoints/{endpoint['id']}/recover"
-    assert api.post(path, {"since": "2000-01-01T00:00:00Z"}).json() == {"requeued": 0}
+    assert api.post(path, {"since": "2000-01-01T00:00:00Z"}).json() == {
+        "requeued": 0, "out_of_order_subjects": 0}
     api.payment(source, api.account()["id"], 1)
     dead = execute(db_url, "UPDATE outbox.deliveries SET status = 'dead', dead_since = now()"
                            " WHERE consumer = %s", (endpoint["id"],))
     assert dead >= 1
     resp = api.post(path, {"since": "2000-01-01T00:00:00Z"})
     assert resp.status_code == 202
-    assert resp.json() == {"requeued": dead}
+    # All dead, nothing delivered after them: nothing out of order.
+    assert resp.json() == {"requeued": dead, "out_of_order_subjects": 0}
 
 
 def test_405_lists_the_allowed_methods(api: Api) -> None:

@@ -26,6 +26,7 @@ BATCH = 32
 # Pages a statement may touch for a batch of BATCH: about 25 per claimed row (claim index, order
 # check, event, the update of six indexes). A plan that walks the backlog touches 10-10,000x more.
 MAX_PAGES = 2_500
+IN_FLIGHT = 64  # subjects whose last pending delivery is leased (in flight)
 
 
 def _load(conn: psycopg.Connection[Any], first: int, count: int, status: str) -> None:
@@ -69,6 +70,16 @@ def drained_then_backlog(request: pytest.FixtureRequest, db_url: str) -> str:
         for table in ("outbox.deliveries", "outbox.events", "outbox.consumers"):
             conn.execute(f"VACUUM ANALYZE {table}")
         _load(conn, BACKLOG, BACKLOG, "pending")
+        # Deliveries in flight behind a redriven predecessor: the last event of some subjects
+        # leased while the earlier ones are pending. The in-flight check of every claim
+        # probes the leased deliveries, an index analysed empty as well.
+        conn.execute(
+            "UPDATE outbox.deliveries SET lease_token = gen_random_uuid(), leased_by = 'r',"
+            " next_attempt_at = now() + interval '1 hour'"
+            " WHERE consumer IN ('we_a', 'reports') AND sequence = %s"
+            "   AND subject IN (SELECT 'sub_' || i FROM generate_series(0, %s) i)",
+            (2 * BACKLOG // 2500, IN_FLIGHT - 1),
+        )
         (pending_index_rows,) = conn.execute(
             "SELECT reltuples FROM pg_class WHERE relname = 'ix_deliveries_subject_pending'"
         ).fetchone() or (None,)
@@ -147,3 +158,25 @@ def test_queue_statements_stay_bounded_by_the_batch(drained_then_backlog: str) -
         )
     over = {name: p for name, p in pages.items() if p > MAX_PAGES}
     assert not over, f"pages touched (limit {MAX_PAGES}): {pages}"
+
+
+def test_the_in_flight_check_probes_the_leased_deliveries_only(drained_then_backlog: str) -> None:
+    """Each claim's in-flight check (no other delivery of the subject holds a live lease) is a
+    probe of ix_deliveries_leased, whatever the statistics say, beside the order check's probe of
+    ix_deliveries_subject_pending."""
+    statements = {
+        "claim_webhooks": (claim.CLAIM_WEBHOOKS, {**CLAIM_PARAMS, "token": uuid.uuid4()}),
+        "claim_for_handler": (claim.CLAIM_FOR_HANDLER, {"consumer": "reports", "limit": BATCH}),
+        "claim_successors": (claim.CLAIM_SUCCESSORS, {
+            "consumers": ["we_a"] * 3, "subjects": ["sub_0", "sub_1", "sub_2000"], "lease": 60,
+            "token": uuid.uuid4(), "relay": "t"}),
+    }
+    with psycopg.connect(drained_then_backlog) as conn:
+        conn.execute("SET plan_cache_mode = force_generic_plan")
+        for name, (sql, params) in statements.items():
+            plan = "\n".join(
+                row[0] for row in conn.execute("EXPLAIN " + sql, params, prepare=True)
+            )
+            assert "Index Scan using ix_deliveries_leased" in plan, (name, plan)
+            assert "ix_deliveries_subject_pending" in plan, (name, plan)
+            conn.rollback()

@@ -150,11 +150,10 @@ async def test_dead_letter_then_recover(
     assert len(receiver.receipts(endpoint.path)) == 6
 
     receiver.set_default(endpoint.path, 204)
-    from outbox.consumers import redrive_dead
+    from outbox.redrive import redrive
 
-    async with await psycopg.AsyncConnection.connect(db_url) as aconn:
-        async with aconn.transaction():
-            assert await redrive_dead(aconn, endpoint.id) == 2
+    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as aconn:
+        assert (await redrive(aconn, endpoint.id)).requeued == 2
         await aconn.execute("NOTIFY outbox_wakeup")
     await wait_until_delivered(db_url)
     assert len(receiver.accepted(endpoint.path)) == 2
@@ -301,7 +300,8 @@ async def test_re_enabling_delivers_what_was_pending_not_what_was_published_mean
     """docs/relay.md, 410 Gone: the events published while an endpoint was disabled were never
     queued for it; recover does not bring them either; the events API has them."""
     from ledger import service
-    from outbox.consumers import disable_consumer, enable_consumer, redrive_dead
+    from outbox.consumers import disable_consumer, enable_consumer
+    from outbox.redrive import redrive
 
     merchant = new_merchant(db_url)
     endpoint = add_endpoint(db_url, receiver, merchant, ["account.created"])
@@ -329,9 +329,8 @@ async def test_re_enabling_delivers_what_was_pending_not_what_was_published_mean
     await receiver.wait_for_async(1, path=endpoint.path, timeout=30)
     await wait_until_delivered(db_url)
     assert receiver.ids(endpoint.path) == [pending]
-    async with await psycopg.AsyncConnection.connect(db_url) as conn:
-        async with conn.transaction():
-            assert await redrive_dead(conn, endpoint.id) == 0
+    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+        assert (await redrive(conn, endpoint.id)).requeued == 0
         cur = await conn.execute(
             "SELECT count(*) FROM outbox.deliveries WHERE consumer = %s AND event_id = %s",
             (endpoint.id, meanwhile))

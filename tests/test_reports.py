@@ -5,17 +5,23 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 from collections.abc import Mapping, Sequence
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 
 import psycopg
+import pytest
 from psycopg import AsyncConnection
 
+from ledger.merchants import NewKey
 from outbox.envelope import Event
 from outbox.handlers import Handler, apply_reports
 from relay.settings import Settings
 from relay.worker import Relay
+from tests.apihelpers import Api, assert_conserved, execute, query, start_api
 from tests.relayhelpers import (
+    RelayProcess,
     add_endpoint,
     delivery_counts,
     make_traffic,
@@ -161,3 +167,61 @@ async def test_a_stuck_handler_batch_holds_up_no_webhook_delivery(
     with psycopg.connect(db_url) as conn:
         total = conn.execute("SELECT sum(payments_amount) FROM daily_reports").fetchone()
     assert total == (sum(traffic.payments.values()),)
+
+
+async def test_totals_stay_exact_past_64_bits(
+    db_url: str, merchant: NewKey, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A day's totals are exact for any sum of accepted amounts. With `bigint` totals, 9,224
+    payments of 10^15 in one currency and day overflowed: the reports delivery died, and so did
+    every later money event of that merchant and day. Here the day already holds what just under
+    9,224 such payments add up to, and three more arrive through the relay; then the total is
+    pushed past 2^64, where JSON integers still come out exact."""
+    monkeypatch.setenv("OUTBOX_WEBHOOK_ALLOWED_NETWORKS", "127.0.0.0/8")
+    big = 10**15
+    with start_api(db_url, merchant) as api:
+        source = api.account()["id"]
+        for _ in range(3):
+            api.deposit(source, big)
+        destination = api.account()["id"]
+        paid = [api.payment(source, destination, big) for _ in range(3)]
+        [(day,)] = query(db_url, "SELECT (time AT TIME ZONE 'UTC')::date FROM outbox.events"
+                                 " WHERE subject = %s", (paid[0]["id"],))
+        # The day so far: 9,222 payments of 10^15, and a little more (2^63 - 10^15).
+        before = 2**63 - big
+        execute(db_url, "INSERT INTO daily_reports (merchant_id, day, currency, payments_count,"
+                        " payments_amount) VALUES (%s, %s, 'USD', 9222, %s)",
+                (merchant.merchant_id, day, before))
+
+        relay = RelayProcess(db_url, tmp_path).start()
+        try:
+            relay.wait_ready()
+            await wait_until_delivered(db_url, consumer="reports")
+        finally:
+            assert relay.stop() == 0
+        assert delivery_counts(db_url, "reports") == {"delivered": 3 + 3}  # none dead
+
+        expected = {"payments_count": 9222 + 3, "payments_amount": before + 3 * big,
+                    "refunds_amount": 0, "deposits_amount": 3 * big, "payouts_amount": 0}
+        assert expected["payments_amount"] > 2**63 - 1
+        assert _report(api, day) == expected
+
+        execute(db_url, "UPDATE daily_reports SET payments_amount = payments_amount + 2^64::numeric"
+                        " WHERE merchant_id = %s", (merchant.merchant_id,))
+        expected["payments_amount"] += 2**64
+        assert _report(api, day) == expected
+    assert_conserved(db_url)
+
+
+def _report(api: Api, day: date) -> dict[str, int]:
+    """The day's USD totals, parsed so that every number stays exact (and must be an integer)."""
+    resp = api.get("/v1/reports/daily", {"day": day.isoformat()})
+    assert resp.status_code == 200, resp.text
+
+    def no_floats(text: str) -> None:
+        raise AssertionError(f"a number that is not an integer: {text}")
+
+    body = json.loads(resp.text, parse_float=no_floats)
+    totals: dict[str, int] = body["currencies"]["USD"]
+    assert all(type(v) is int for v in totals.values()), totals
+    return totals

@@ -18,7 +18,7 @@ from standardwebhooks import Webhook
 
 from ledger.merchants import NewKey
 from tests.support.pgcluster import PgCluster
-from tests.support.receiver import Receiver, ReceiverTimeout, Reply
+from tests.support.receiver import Overlap, Receiver, ReceiverTimeout, Reply
 from tests.support.tcpproxy import TcpProxy
 
 # --- database fixtures --------------------------------------------------------------------------
@@ -218,6 +218,44 @@ async def test_receiver_unknown_path_and_timeout(receiver: Receiver) -> None:
     assert not receipt.verified
     with pytest.raises(ReceiverTimeout):
         receiver.wait_for(2, timeout=0.1)
+
+
+async def test_receiver_notes_overlaps_and_forgets_what_the_sender_gave_up(
+    receiver: Receiver,
+) -> None:
+    """A request is in flight at the receiver until it is answered or its sender gives up (its
+    timeout closes the connection); one that arrives while another of its subject is in flight
+    at the same path is an overlap."""
+    import asyncio
+    import threading
+
+    url = receiver.add_endpoint("/o", SECRET)
+    gate = threading.Event()
+    receiver.respond("/o", Reply(gate=gate), 204, 204, Reply(delay=30))
+
+    async def post(session: aiohttp.ClientSession, msg_id: str, subject: str) -> int:
+        body = json.dumps({"specversion": "1.0", "id": msg_id, "type": "t", "subject": subject,
+                           "sequence": 1}).encode()
+        async with session.post(url, data=body, headers=_signed(msg_id, body, SECRET)) as resp:
+            return resp.status
+
+    async with aiohttp.ClientSession() as session:
+        held = asyncio.create_task(post(session, "evt_a", "s"))
+        await receiver.wait_for_async(1, path="/o")
+        assert await post(session, "evt_b", "s") == 204  # while evt_a is unanswered
+        assert await post(session, "evt_c", "t") == 204  # another subject
+        gate.set()
+        assert await held == 204
+        with pytest.raises(TimeoutError):  # the sender gives up on evt_d
+            await asyncio.wait_for(post(session, "evt_d", "s"), 0.3)
+    for _ in range(200):  # the connection is gone: its handler ends
+        if receiver.in_flight == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert receiver.in_flight == 0
+    async with aiohttp.ClientSession() as session:
+        assert await post(session, "evt_e", "s") == 204
+    assert receiver.overlaps == [Overlap("/o", "s", "evt_b", ("evt_a",))]
 
 
 async def test_receiver_takes_hundreds_of_concurrent_posts(receiver: Receiver) -> None:

@@ -13,6 +13,11 @@ answer. What an endpoint answers is programmable: a default reply plus a queue o
 
 The server has its own loop, so the blocking `wait_for` is fine in sync tests; async tests whose
 loop also runs the code under test must use `wait_for_async`.
+
+Per endpoint and event `subject`, the receiver also notes every request that arrived while
+another request of the same subject was still unanswered there (`overlaps`): the relay must never
+have two deliveries of one subject in flight to one endpoint. A request counts as answered when
+its handler is done, which is before the sender can read the answer.
 """
 
 from __future__ import annotations
@@ -38,11 +43,12 @@ from standardwebhooks import Webhook
 class Reply:
     """One answer. `reset` drops the connection (RST) after reading the request; `delay` waits
     before answering (to exceed the sender's timeout); `informational` sends that 1xx status line
-    at once, before the delay."""
+    at once, before the delay; `gate` holds the answer until the test sets it."""
 
     status: int = 204
     retry_after: int | str | None = None
     delay: float = 0.0
+    gate: threading.Event | None = field(default=None, compare=False)
     reset: bool = False
     location: str | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
@@ -91,6 +97,16 @@ def _as_reply(reply: Reply | int) -> Reply:
     return reply if isinstance(reply, Reply) else Reply(reply)
 
 
+@dataclass(frozen=True)
+class Overlap:
+    """A request that arrived while others of its subject were unanswered at the same path."""
+
+    path: str
+    subject: str
+    webhook_id: str | None
+    unanswered: tuple[str | None, ...]
+
+
 class ReceiverTimeout(AssertionError):
     pass
 
@@ -104,6 +120,8 @@ class Receiver:
         self._endpoints: dict[str, _Endpoint] = {}
         self._receipts: list[Receipt] = []
         self._arrivals: Counter[tuple[str, str | None]] = Counter()
+        self._unanswered: dict[tuple[str, str], list[str | None]] = {}
+        self.overlaps: list[Overlap] = []
         self._changed = threading.Condition()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
@@ -126,6 +144,11 @@ class Receiver:
         """Queue one-shot replies for the next requests to `path`; then the default applies."""
         with self._changed:
             self._endpoints[path].queue.extend(_as_reply(r) for r in replies)
+
+    def clear_replies(self, path: str) -> None:
+        """Drop the one-shot replies still queued for `path`."""
+        with self._changed:
+            self._endpoints[path].queue.clear()
 
     def set_default(self, path: str, reply: Reply | int) -> None:
         with self._changed:
@@ -160,6 +183,7 @@ class Receiver:
         with self._changed:
             self._receipts.clear()
             self._arrivals.clear()
+            self.overlaps.clear()
 
     def wait_for(
         self,
@@ -276,7 +300,11 @@ class Receiver:
     async def _serve(self) -> None:
         app = web.Application(client_max_size=16 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+        # A request whose sender gave up (its timeout closed the connection) is no longer in
+        # flight: its handler is cancelled rather than left to sleep out a long delay, so
+        # `in_flight` and the overlap check count what the sender is waiting for.
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5,
+                                     handler_cancellation=True)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, 0, backlog=1024)
         await site.start()
@@ -321,6 +349,13 @@ class Receiver:
             else:
                 reply = endpoint.default
             self._arrivals[(path, webhook_id)] += 1
+            subject = body.get("subject") if isinstance(body, dict) else None
+            in_flight = (path, subject) if isinstance(subject, str) else None
+            if in_flight is not None:
+                unanswered = self._unanswered.setdefault(in_flight, [])
+                if unanswered:
+                    self.overlaps.append(Overlap(path, in_flight[1], webhook_id, tuple(unanswered)))
+                unanswered.append(webhook_id)
             self._receipts.append(
                 Receipt(
                     path=path,
@@ -340,17 +375,26 @@ class Receiver:
 
         if reply.informational is not None and request.transport is not None:
             request.transport.write(f"HTTP/1.1 {reply.informational} Interim\r\n\r\n".encode())
-        if reply.delay:
-            await asyncio.sleep(reply.delay)
-        if reply.reset:
-            _reset(request)
-            raise web.HTTPServiceUnavailable()  # never sent: the connection is gone
-        response_headers = dict(reply.headers)
-        if reply.retry_after is not None:
-            response_headers["Retry-After"] = str(reply.retry_after)
-        if reply.location is not None:
-            response_headers["Location"] = reply.location
-        return web.Response(status=reply.status, body=reply.body, headers=response_headers)
+        try:
+            if reply.delay:
+                await asyncio.sleep(reply.delay)
+            # A threading.Event, set from the test's thread: polled, so that a gate nobody opens
+            # cannot keep a worker thread (and the test process) alive.
+            while reply.gate is not None and not reply.gate.is_set():  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+            if reply.reset:
+                _reset(request)
+                raise web.HTTPServiceUnavailable()  # never sent: the connection is gone
+            response_headers = dict(reply.headers)
+            if reply.retry_after is not None:
+                response_headers["Retry-After"] = str(reply.retry_after)
+            if reply.location is not None:
+                response_headers["Location"] = reply.location
+            return web.Response(status=reply.status, body=reply.body, headers=response_headers)
+        finally:
+            if in_flight is not None:
+                with self._changed:
+                    self._unanswered[in_flight].remove(webhook_id)
 
 
 def _verify(secret: str | None, raw: bytes, headers: Mapping[str, str]) -> tuple[bool, str | None]:
