@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from psycopg import AsyncConnection
-from psycopg_pool import AsyncConnectionPool
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -19,6 +18,7 @@ from api.errors import LedgerError, MethodNotAllowed, NotFound, Unauthenticated,
 from api.http import problem_response
 from api.limits import HeaderLimitMiddleware
 from api.metrics import MetricsMiddleware
+from db.pool import ConnectionPool
 from db.settings import database_url
 
 log = logging.getLogger("payments.api")
@@ -76,7 +76,7 @@ def create_app(url: str | None = None, pool_size: int = 16) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        pool = AsyncConnectionPool(
+        pool = ConnectionPool(
             conninfo,
             min_size=2,
             max_size=pool_size,
