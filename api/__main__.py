@@ -8,6 +8,8 @@ import sys
 
 import uvicorn
 
+from api.logs import log_config
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
@@ -47,6 +49,7 @@ def main(argv: list[str] | None = None) -> None:
         port=args.port,
         workers=args.workers,
         log_level=args.log_level,
+        log_config=log_config(args.log_level),
         access_log=False,
         ssl_certfile=args.ssl_certfile,
         ssl_keyfile=args.ssl_keyfile,

@@ -38,7 +38,12 @@ def _nullable(schema: Schema) -> Schema:
 _SCHEMAS: dict[str, Schema] = {
     "Problem": _obj(
         {
-            "type": {"type": "string"},
+            "type": {
+                "type": "string",
+                "format": "uri-reference",
+                "description": "/problems/<code>, relative to the API's address; GET it for "
+                "what the code means.",
+            },
             "title": {"type": "string"},
             "status": {"type": "integer"},
             "detail": {"type": "string"},
@@ -47,6 +52,16 @@ _SCHEMAS: dict[str, Schema] = {
             "payment": _ref("Payment"),
         },
         required=["type", "title", "status", "detail", "code"],
+    ),
+    "ProblemType": _obj(
+        {
+            "object": {"const": "problem_type"},
+            "type": {"type": "string", "format": "uri-reference"},
+            "code": {"type": "string"},
+            "status": {"type": "integer"},
+            "title": {"type": "string"},
+            "description": {"type": "string"},
+        }
     ),
     "Account": _obj(
         {
@@ -479,6 +494,16 @@ def document() -> dict[str, Any]:
                         "content": {"text/plain": {"schema": {"type": "string"}}},
                     }
                 },
+            }
+        },
+        "/problems/{code}": {
+            "get": {
+                "summary": "What a problem code means (the `type` of problem bodies)",
+                "security": [],
+                "parameters": [
+                    {"name": "code", "in": "path", "required": True, "schema": {"type": "string"}}
+                ],
+                "responses": {"200": _json(_ref("ProblemType")), **_problems(404)},
             }
         },
         "/openapi.json": {
