@@ -141,7 +141,12 @@ _SCHEMAS: dict[str, Schema] = {
             "source": {"type": "string"},
             "type": {"type": "string"},
             "subject": {"type": "string"},
-            "sequence": {"type": "integer", "minimum": 1},
+            "sequence": {
+                "type": "string",
+                "pattern": "^[0-9]{19}$",
+                "description": "CloudEvents sequence: the subject's counter 1, 2, 3, ... in "
+                "decimal, zero-padded to 19 digits, so string order is numeric order.",
+            },
             "time": _TS,
             "datacontenttype": {"const": "application/json"},
             "data": {"type": "object"},
