@@ -40,7 +40,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=100, metavar="N",
                         help="deliveries claimed per query (default 100)")
     parser.add_argument("--metrics-port", type=int, default=None, metavar="P",
-                        help="serve Prometheus metrics on this port")
+                        help="serve Prometheus metrics on this port (default: none)")
+    parser.add_argument("--metrics-host", default="127.0.0.1", metavar="H",
+                        help="the address the metrics listen on (default 127.0.0.1; the series "
+                        "name every webhook endpoint, so open it only to the operators' network, "
+                        "e.g. 0.0.0.0 behind a firewall)")
     parser.add_argument("--log-format", choices=("text", "json"), default="text")
     return parser
 
@@ -52,6 +56,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             concurrency=args.concurrency,
             batch_size=args.batch_size,
             metrics_port=args.metrics_port,
+            metrics_host=args.metrics_host,
             log_format=args.log_format,
         )
     except SettingsError as exc:
@@ -81,10 +86,10 @@ async def _run(settings: Settings) -> int:
     relay = Relay(settings)
     if settings.metrics_port is not None:
         try:
-            relay.metrics.serve(settings.metrics_port)
+            relay.metrics.serve(settings.metrics_host, settings.metrics_port)
         except OSError as exc:
-            print(f"outbox-relay: cannot serve metrics on port {settings.metrics_port}: {exc}",
-                  file=sys.stderr)
+            print(f"outbox-relay: cannot serve metrics on {settings.metrics_host} port "
+                  f"{settings.metrics_port}: {exc}", file=sys.stderr)
             return 2
     loop = asyncio.get_running_loop()
     interrupts = 0
