@@ -86,7 +86,8 @@ class ConnectionPool(AsyncConnectionPool[AsyncConnection[Any]]):
             await super().putconn(conn)  # closed: the pool drops it and connects a new one
 
     async def putconn(self, conn: AsyncConnection[Any]) -> None:
-        self._returned_at[conn] = time.monotonic()
+        if self._check_idle_after is not None:
+            self._returned_at[conn] = time.monotonic()
         await super().putconn(conn)
 
     async def _usable(self, conn: AsyncConnection[Any]) -> bool:
