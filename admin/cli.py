@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
@@ -23,7 +24,7 @@ from psycopg import conninfo
 
 from admin import render
 from admin.backlog import backlog
-from admin.deadletters import UnknownConsumerError, dead_letters
+from admin.deadletters import UnknownConsumerError, consumer_exists, dead_letters
 from admin.retention import PurgeCounts, parse_duration, purge
 from db.settings import database_url
 from outbox.redrive import Redriven, redrive
@@ -37,6 +38,10 @@ Handler = Callable[[argparse.Namespace], int]
 
 class CommandError(Exception):
     """A runtime failure with a message fit for the operator: exit 1."""
+
+
+class UsageError(Exception):
+    """Bad usage found after parsing (a value from the environment): exit 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -65,6 +70,10 @@ def _rfc3339(text: str) -> datetime:
 
 
 def _duration(text: str) -> timedelta:
+    if re.match(r"\s*-\s*\d", text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is negative: give an age, e.g. 7d, 12h or 30m"
+        )
     try:
         return parse_duration(text)
     except ValueError as exc:
@@ -78,6 +87,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected at least 1, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 0 to 65535, got {value}")
     return value
 
 
@@ -256,6 +275,9 @@ def cmd_outbox_status(args: argparse.Namespace) -> int:
 
 def cmd_outbox_dead(args: argparse.Namespace) -> int:
     with _connect() as conn:
+        if args.consumer is not None and not consumer_exists(conn, args.consumer):
+            # As redrive: a mistyped name must not look like "nothing is dead".
+            raise CommandError(str(UnknownConsumerError(args.consumer)))
         rows = dead_letters(conn, args.consumer, args.limit)
     if args.json:
         _print(
@@ -330,6 +352,23 @@ def cmd_outbox_redrive(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_listen(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from admin.listen import Listener, ListenError
+
+    if not args.api_key:
+        raise UsageError("listen needs an API key: --api-key or PAYMENTS_API_KEY")
+    listener = Listener(
+        api=args.api, api_key=args.api_key, event_types=args.events or ["*"],
+        forward_to=args.forward_to, port=args.port, as_json=args.json,
+    )
+    try:
+        return asyncio.run(listener.run())
+    except ListenError as exc:
+        raise CommandError(str(exc)) from None
+
+
 def _purge_summary(counts: PurgeCounts) -> str:
     return f"{counts.deliveries} deliveries, {counts.events} events, {counts.attempts} attempts"
 
@@ -392,9 +431,13 @@ def _command(
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
-        description="Operate the payments service: migrations, merchants and keys, the outbox.",
-        epilog="The database is DATABASE_URL (default postgresql:///payments). "
-        "Exit codes: 0 success, 1 runtime failure, 2 bad usage.",
+        description="Operate the payments service: migrations, merchants and keys, the outbox; "
+        "and receive its webhooks locally (listen).",
+        epilog="The database is DATABASE_URL (default postgresql:///payments; libpq's PG* "
+        "variables fill in what it leaves out, and `migrate` names the database after "
+        "PGDATABASE, else USER, when the URL names none). `listen` takes the API key from "
+        "PAYMENTS_API_KEY unless --api-key is given. Exit codes: 0 success, 1 runtime failure, "
+        "2 bad usage.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = _subcommands(parser)
@@ -519,6 +562,43 @@ def build_parser() -> argparse.ArgumentParser:
         help="rows per transaction (default 5000)",
     )
     purge_cmd.add_argument("--json", action="store_true", help="print JSON")
+
+    listen = _command(
+        commands,
+        "listen",
+        "receive webhooks here, verify and print them (as `stripe listen`)",
+        cmd_listen,
+        "Register a temporary webhook endpoint for the API key's merchant, through the API, "
+        "pointing at a server on 127.0.0.1; verify the signature of every request the relay "
+        "sends there and print its event (one line each; the body as JSON with --json), "
+        "optionally forwarding it to your app. SIGINT (Ctrl-C) or SIGTERM removes the endpoint "
+        "and exits 0. The API and the relay must allow loopback webhook URLs: "
+        "OUTBOX_WEBHOOK_ALLOWED_NETWORKS=127.0.0.0/8 (deploy/run-local sets it).",
+    )
+    listen.add_argument(
+        "--api", metavar="URL", default="http://127.0.0.1:8000",
+        help="the payments API (default http://127.0.0.1:8000)",
+    )
+    listen.add_argument(
+        "--api-key", metavar="KEY", default=os.environ.get("PAYMENTS_API_KEY"),
+        help="the merchant's secret key sk_… (default: PAYMENTS_API_KEY)",
+    )
+    listen.add_argument(
+        "--events", metavar="PATTERN", nargs="+",
+        help="event types to receive: *, a prefix such as payment.*, or exact types "
+        "(default *)",
+    )
+    listen.add_argument(
+        "--forward-to", metavar="URL",
+        help="also POST each verified request (same body and webhook-* headers) to this URL; "
+        "its status is the relay's answer",
+    )
+    listen.add_argument(
+        "--port", metavar="P", type=_port, default=0,
+        help="the port on 127.0.0.1 to listen on (default: any free one)",
+    )
+    listen.add_argument("--json", action="store_true",
+                        help="print each event's body as one JSON line")
     return parser
 
 
@@ -534,8 +614,29 @@ def _fail(message: str, code: int = 1) -> int:
     return code
 
 
+# Options whose value may start with '-' ('--older-than -1h'): argparse would take the value for
+# another option and say only "expected one argument"; given as '--older-than=-1h', the value
+# reaches the option's own check and its message.
+_DASHED_VALUES = ("--older-than", "--since")
+
+
+def _attach_dashed_values(argv: Sequence[str]) -> list[str]:
+    out: list[str] = []
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        if args[i] in _DASHED_VALUES and i + 1 < len(args) and re.match(r"-\d", args[i + 1]):
+            out.append(f"{args[i]}={args[i + 1]}")
+            i += 2
+            continue
+        out.append(args[i])
+        i += 1
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(_attach_dashed_values(argv))
     handler: Handler = args.handler
     try:
         code = handler(args)
@@ -543,6 +644,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     except CommandError as exc:
         return _fail(str(exc))
+    except UsageError as exc:
+        return _fail(str(exc), 2)
     except psycopg.errors.UndefinedTable as exc:
         return _fail(f"database error: {_one_line(exc)} (has 'paymentsctl migrate' run?)")
     except psycopg.OperationalError as exc:

@@ -8,6 +8,8 @@ import sys
 
 import uvicorn
 
+from api.logs import log_config
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
@@ -15,15 +17,35 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="payments-api",
+        description="Serve the payments HTTP API (docs/api.md) with uvicorn until SIGTERM or "
+        "SIGINT.",
+        epilog="Environment: DATABASE_URL, the PostgreSQL URL (default postgresql:///payments; "
+        "libpq's PG* variables fill in what it leaves out); OUTBOX_WEBHOOK_ALLOWED_NETWORKS, "
+        "comma-separated CIDRs that webhook URLs may resolve into although private or "
+        "loopback, http:// only there (default: none); PROMETHEUS_MULTIPROC_DIR, an empty "
+        "directory for the request metrics of several workers (default: unset). Exit codes: 0 "
+        "after SIGTERM, 1 runtime failure, 2 bad usage.",
+    )
+    parser.add_argument("--host", default="127.0.0.1", metavar="H",
+                        help="the address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, metavar="P",
+                        help="the TCP port to listen on (default 8000)")
+    parser.add_argument("--workers", type=int, default=1, metavar="N",
+                        help="worker processes, each with its own database pool (default 1)")
+    parser.add_argument("--ssl-certfile", metavar="F",
+                        help="serve HTTPS with this certificate (PEM)")
+    parser.add_argument("--ssl-keyfile", metavar="F", help="the certificate's private key (PEM)")
+    parser.add_argument("--log-level", default="info", metavar="L",
+                        choices=["critical", "error", "warning", "info", "debug"],
+                        help="critical, error, warning, info (default) or debug")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = _Parser(prog="payments-api", description="Serve the payments HTTP API.")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--ssl-certfile", help="serve HTTPS with this certificate (PEM)")
-    parser.add_argument("--ssl-keyfile", help="the certificate's private key (PEM)")
-    parser.add_argument("--log-level", default="info",
-                        choices=["critical", "error", "warning", "info", "debug"])
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error("--workers must be at least 1")
@@ -53,6 +75,7 @@ def main(argv: list[str] | None = None) -> None:
         port=args.port,
         workers=args.workers,
         log_level=args.log_level,
+        log_config=log_config(args.log_level),
         access_log=False,
         ssl_certfile=args.ssl_certfile,
         ssl_keyfile=args.ssl_keyfile,

@@ -13,6 +13,7 @@ from api.errors import (
     InvalidRequest,
     LedgerError,
     PayloadTooLarge,
+    Unauthenticated,
     UnsupportedMediaType,
     problem,
 )
@@ -43,6 +44,9 @@ def json_response(
 
 
 def problem_response(error: LedgerError, headers: dict[str, str] | None = None) -> Response:
+    if isinstance(error, Unauthenticated):
+        # RFC 9110 section 11.6.1: a 401 names the scheme that would be accepted.
+        headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
     return Response(
         orjson.dumps(problem(error)),
         status_code=error.status,

@@ -6,6 +6,8 @@ from __future__ import annotations
 import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from api.errors import RequestHeaderFieldsTooLarge, problem
+
 MAX_HEADER_BYTES = 32 * 1024
 MAX_HEADER_COUNT = 100
 
@@ -26,14 +28,12 @@ class HeaderLimitMiddleware:
 
 async def _refuse(send: Send) -> None:
     body = orjson.dumps(
-        {
-            "type": "https://docs.payments.local/errors#request_header_fields_too_large",
-            "title": "Request header fields too large",
-            "status": 431,
-            "detail": f"Request headers are limited to {MAX_HEADER_COUNT} fields and "
-            f"{MAX_HEADER_BYTES} bytes.",
-            "code": "request_header_fields_too_large",
-        }
+        problem(
+            RequestHeaderFieldsTooLarge(
+                f"Request headers are limited to {MAX_HEADER_COUNT} fields and "
+                f"{MAX_HEADER_BYTES} bytes."
+            )
+        )
     )
     await send(
         {

@@ -38,7 +38,12 @@ def _nullable(schema: Schema) -> Schema:
 _SCHEMAS: dict[str, Schema] = {
     "Problem": _obj(
         {
-            "type": {"type": "string"},
+            "type": {
+                "type": "string",
+                "format": "uri-reference",
+                "description": "/problems/<code>, relative to the API's address; GET it for "
+                "what the code means.",
+            },
             "title": {"type": "string"},
             "status": {"type": "integer"},
             "detail": {"type": "string"},
@@ -47,6 +52,16 @@ _SCHEMAS: dict[str, Schema] = {
             "payment": _ref("Payment"),
         },
         required=["type", "title", "status", "detail", "code"],
+    ),
+    "ProblemType": _obj(
+        {
+            "object": {"const": "problem_type"},
+            "type": {"type": "string", "format": "uri-reference"},
+            "code": {"type": "string"},
+            "status": {"type": "integer"},
+            "title": {"type": "string"},
+            "description": {"type": "string"},
+        }
     ),
     "Account": _obj(
         {
@@ -126,7 +141,12 @@ _SCHEMAS: dict[str, Schema] = {
             "source": {"type": "string"},
             "type": {"type": "string"},
             "subject": {"type": "string"},
-            "sequence": {"type": "integer", "minimum": 1},
+            "sequence": {
+                "type": "string",
+                "pattern": "^[0-9]{19}$",
+                "description": "CloudEvents sequence: the subject's counter 1, 2, 3, ... in "
+                "decimal, zero-padded to 19 digits, so string order is numeric order.",
+            },
             "time": _TS,
             "datacontenttype": {"const": "application/json"},
             "data": {"type": "object"},
@@ -496,6 +516,16 @@ def document() -> dict[str, Any]:
                         "content": {"text/plain": {"schema": {"type": "string"}}},
                     }
                 },
+            }
+        },
+        "/problems/{code}": {
+            "get": {
+                "summary": "What a problem code means (the `type` of problem bodies)",
+                "security": [],
+                "parameters": [
+                    {"name": "code", "in": "path", "required": True, "schema": {"type": "string"}}
+                ],
+                "responses": {"200": _json(_ref("ProblemType")), **_problems(404)},
             }
         },
         "/openapi.json": {

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psycopg
 from alembic import command
 from alembic.config import Config
 from psycopg import sql
 
-from db.settings import database_name, maintenance_url, sqlalchemy_url
+from db.settings import maintenance_url, sqlalchemy_url
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
@@ -19,6 +21,12 @@ def alembic_config(url: str) -> Config:
     cfg.set_main_option("script_location", str(MIGRATIONS))
     cfg.set_main_option("sqlalchemy.url", sqlalchemy_url(url).replace("%", "%%"))
     return cfg
+
+
+def database_name(url: str) -> str:
+    """The database `url` names; libpq's choice (PGDATABASE, else the user name) when none."""
+    path = urlsplit(url).path.lstrip("/")
+    return path or os.environ.get("PGDATABASE") or os.environ.get("USER") or "postgres"
 
 
 def create_database(url: str) -> bool:

@@ -21,11 +21,6 @@ def sqlalchemy_url(url: str) -> str:
     return f"{scheme}://{rest}"
 
 
-def database_name(url: str) -> str:
-    path = urlsplit(url).path.lstrip("/")
-    return path or os.environ.get("PGDATABASE") or os.environ.get("USER") or "postgres"
-
-
 def maintenance_url(url: str) -> str:
     """The same server, database `postgres`: where CREATE DATABASE runs."""
     parts = urlsplit(url)

@@ -2,6 +2,10 @@
 
 The body is rendered from the stored row the same way every time, so a redelivered event carries
 the same bytes as the first attempt.
+
+`sequence` is the CloudEvents sequence extension, whose value is a string that orders
+lexicographically: the subject's counter (a bigint) in decimal, zero-padded to the 19 digits of
+the largest bigint, so string order is numeric order and `int()` gives the number back.
 """
 
 from __future__ import annotations
@@ -13,6 +17,12 @@ from typing import Any
 import orjson
 
 SOURCE = "payments"
+SEQUENCE_DIGITS = 19  # len(str(2**63 - 1))
+
+
+def sequence_string(sequence: int) -> str:
+    """0000000000000000001 for 1: the envelope's form of a subject's counter."""
+    return f"{sequence:0{SEQUENCE_DIGITS}d}"
 
 
 def rfc3339(moment: datetime) -> str:
@@ -47,7 +57,7 @@ class Event:
             "source": SOURCE,
             "type": self.type,
             "subject": self.subject,
-            "sequence": self.sequence,
+            "sequence": sequence_string(self.sequence),
             "time": rfc3339(self.time),
             "datacontenttype": "application/json",
             "data": self.data,

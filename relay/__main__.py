@@ -16,7 +16,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from relay import logs
-from relay.settings import Settings, SettingsError
+from relay.settings import DEFAULT_RETRY_SCHEDULE, Settings, SettingsError
 
 log = logging.getLogger("relay")
 
@@ -30,18 +30,32 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="outbox-relay",
-        description="Deliver outbox events to webhook endpoints and handler consumers. "
-        "Runs until SIGTERM or SIGINT. Configured by DATABASE_URL, OUTBOX_RETRY_SCHEDULE, "
-        "OUTBOX_HTTP_TIMEOUT, OUTBOX_LEASE_SECONDS, OUTBOX_WEBHOOK_ALLOWED_NETWORKS, "
-        "OUTBOX_PURGE_INTERVAL (0 = off) and OUTBOX_RETENTION.",
+        description="Deliver outbox events to webhook endpoints and handler consumers "
+        "(docs/relay.md). Runs until SIGTERM or SIGINT.",
+        epilog="Environment (docs/operations.md): DATABASE_URL, the PostgreSQL URL (default "
+        "postgresql:///payments; libpq's PG* variables fill in what it leaves out); "
+        f"OUTBOX_RETRY_SCHEDULE, seconds before each attempt ({DEFAULT_RETRY_SCHEDULE}); "
+        "OUTBOX_HTTP_TIMEOUT, seconds per "
+        "attempt (15); OUTBOX_LEASE_SECONDS, how long a claim lasts (60); "
+        "OUTBOX_WEBHOOK_ALLOWED_NETWORKS, CIDRs webhook URLs may resolve into although private "
+        "or loopback, http:// only there (none); OUTBOX_PURGE_INTERVAL, how often to purge, 0 "
+        "or off for never (1h); OUTBOX_RETENTION, what the purge keeps (7d); "
+        "OUTBOX_SHUTDOWN_GRACE, seconds in-flight attempts get after SIGTERM (20). Set by "
+        "systemd: NOTIFY_SOCKET, WATCHDOG_USEC, WATCHDOG_PID. Exit codes: 0 after a clean "
+        "stop, 1 failure, 2 bad usage or configuration, 130 after a second SIGINT.",
     )
     parser.add_argument("--concurrency", type=int, default=32, metavar="N",
                         help="webhook attempts in flight at once (default 32)")
     parser.add_argument("--batch-size", type=int, default=100, metavar="N",
                         help="deliveries claimed per query (default 100)")
     parser.add_argument("--metrics-port", type=int, default=None, metavar="P",
-                        help="serve Prometheus metrics on this port")
-    parser.add_argument("--log-format", choices=("text", "json"), default="text")
+                        help="serve Prometheus metrics on this port (default: none)")
+    parser.add_argument("--metrics-host", default="127.0.0.1", metavar="H",
+                        help="the address the metrics listen on (default 127.0.0.1; the series "
+                        "name every webhook endpoint, so open it only to the operators' network, "
+                        "e.g. 0.0.0.0 behind a firewall)")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text",
+                        help="text (default) or json: one JSON object per line")
     return parser
 
 
@@ -52,6 +66,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             concurrency=args.concurrency,
             batch_size=args.batch_size,
             metrics_port=args.metrics_port,
+            metrics_host=args.metrics_host,
             log_format=args.log_format,
         )
     except SettingsError as exc:
@@ -81,10 +96,10 @@ async def _run(settings: Settings) -> int:
     relay = Relay(settings)
     if settings.metrics_port is not None:
         try:
-            relay.metrics.serve(settings.metrics_port)
+            relay.metrics.serve(settings.metrics_host, settings.metrics_port)
         except OSError as exc:
-            print(f"outbox-relay: cannot serve metrics on port {settings.metrics_port}: {exc}",
-                  file=sys.stderr)
+            print(f"outbox-relay: cannot serve metrics on {settings.metrics_host} port "
+                  f"{settings.metrics_port}: {exc}", file=sys.stderr)
             return 2
     loop = asyncio.get_running_loop()
     interrupts = 0

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import psycopg
 from psycopg import AsyncConnection
 
+from db.pool import MAX_RETRY_DELAY
 from outbox.publish import WAKEUP_CHANNEL
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ class Listener:
             except psycopg.Error as exc:
                 log.warning("listener cannot connect, retrying in %.1f s: %s", delay, _one(exc))
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                delay = min(delay * 2, MAX_RETRY_DELAY)
                 continue
             try:
                 await conn.execute(f"LISTEN {WAKEUP_CHANNEL}")
@@ -55,7 +56,7 @@ class Listener:
                 self.connected.clear()
                 log.warning("listener connection lost, reconnecting: %s", _one(exc))
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                delay = min(delay * 2, MAX_RETRY_DELAY)
             finally:
                 self.connected.clear()
                 await conn.close()

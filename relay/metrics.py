@@ -1,4 +1,5 @@
-"""Prometheus metrics of the relay, served on --metrics-port."""
+"""Prometheus metrics of the relay, served on --metrics-host (127.0.0.1 unless told otherwise:
+the series name every webhook endpoint) and --metrics-port."""
 
 from __future__ import annotations
 
@@ -52,8 +53,8 @@ class Metrics:
         )
         self._known: set[str] = set()
 
-    def serve(self, port: int, addr: str = "0.0.0.0") -> None:
-        start_http_server(port, addr=addr, registry=self.registry)
+    def serve(self, host: str, port: int) -> None:
+        start_http_server(port, addr=host, registry=self.registry)
 
     def set_backlog(self, rows: Sequence[Backlog]) -> None:
         seen = set()

@@ -87,6 +87,7 @@ class Settings:
     concurrency: int = 32
     batch_size: int = 100
     metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
     log_format: str = "text"
     # How long in-flight deliveries may run on after SIGTERM before their leases are released;
     # systemd's stop timeout (30 s by contract) must cover this plus the release.
@@ -100,6 +101,7 @@ class Settings:
         concurrency: int = 32,
         batch_size: int = 100,
         metrics_port: int | None = None,
+        metrics_host: str = "127.0.0.1",
         log_format: str = "text",
     ) -> Settings:
         env = os.environ if environ is None else environ
@@ -141,6 +143,7 @@ class Settings:
             concurrency=concurrency,
             batch_size=batch_size,
             metrics_port=metrics_port,
+            metrics_host=metrics_host,
             log_format=log_format,
             shutdown_grace=_seconds(env, "OUTBOX_SHUTDOWN_GRACE", "20", minimum=0),
         )

@@ -29,15 +29,15 @@ import os
 import random
 import socket
 import time
-import weakref
 from collections.abc import Coroutine, Mapping
 from typing import Any
 
 import psycopg
 from psycopg.conninfo import make_conninfo
-from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from psycopg_pool import PoolTimeout
 
 from admin.retention import PurgeCounts, purge, purge_idempotency_keys
+from db.pool import MAX_RETRY_DELAY, ConnectionPool
 from outbox import claim
 from outbox.claim import Claimed, Completion
 from outbox.consumers import disable_consumer, hold_publishers
@@ -118,9 +118,6 @@ class Relay:
         # flush) brings a batch.
         self._min_claim = max(1, settings.concurrency // 4)
         self._to_release: list[Claimed] = []
-        self._returned_at: weakref.WeakKeyDictionary[psycopg.AsyncConnection[Any], float] = (
-            weakref.WeakKeyDictionary()
-        )
         self._handlers_polled = 0.0
         self._handlers_busy = True
         self._handler_turn: asyncio.Task[tuple[int, bool]] | None = None
@@ -136,7 +133,7 @@ class Relay:
         self._last_ping = 0.0
         self._watchdog = sdnotify.watchdog_interval()
         self._rng = random.Random()
-        self._pool: AsyncConnectionPool | None = None
+        self._pool: ConnectionPool | None = None
         self._sender: WebhookSender | None = None
         self.listener = Listener(self._conninfo, self._kick.set)
 
@@ -153,15 +150,15 @@ class Relay:
 
     async def run(self) -> int:
         """Run until stopped; returns the exit status (0, or 1 when a side task died)."""
-        self._pool = AsyncConnectionPool(
+        self._pool = ConnectionPool(
             self._conninfo,
             min_size=1,
             max_size=6,  # the loop (handlers and claims side by side), completer, monitor, spare
             kwargs={"autocommit": True},
             open=False,
-            check=self._check_connection,
-            reset=self._returned,
-            reconnect_timeout=365 * 86400.0,
+            # A round trip only for a connection that sat unused for a while (besides one whose
+            # server closed it): the loops check one out several times per delivery batch.
+            check_idle_after=CHECK_IDLE_AFTER,
             name="outbox-relay",
         )
         await self._pool.open(wait=False)
@@ -190,18 +187,6 @@ class Relay:
             return 1
         log.info("relay stopped", extra={"relay": self.name})
         return 0
-
-    async def _check_connection(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        """The pool's check on checkout: a round trip only for a connection that sat unused for
-        a while (one whose server went away then fails here and is replaced). A connection that
-        came back moments ago is handed out as it is: the loops check one out several times per
-        delivery batch, and a failure there is retried like any other database error."""
-        returned = self._returned_at.get(conn)
-        if returned is None or time.monotonic() - returned > CHECK_IDLE_AFTER or conn.broken:
-            await AsyncConnectionPool.check_connection(conn)
-
-    async def _returned(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        self._returned_at[conn] = time.monotonic()
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         task = asyncio.create_task(coro, name=name)
@@ -258,7 +243,7 @@ class Relay:
             except _DB_ERRORS as exc:
                 log.warning("database unavailable, retrying in %.1f s: %s", db_backoff, _one(exc))
                 await self._wait(db_backoff)
-                db_backoff = min(db_backoff * 2, 5.0)
+                db_backoff = min(db_backoff * 2, MAX_RETRY_DELAY)
                 continue
             if more:
                 idle_wait = MIN_WAIT
@@ -313,7 +298,7 @@ class Relay:
             log.warning("database unavailable for the handler consumers, retrying in %.1f s: %s",
                         self._handlers_backoff, _one(exc))
             self._handlers_retry_at = time.monotonic() + self._handlers_backoff
-            self._handlers_backoff = min(self._handlers_backoff * 2, 5.0)
+            self._handlers_backoff = min(self._handlers_backoff * 2, MAX_RETRY_DELAY)
             self._handlers_busy = True
         else:
             if self._failure is None:
@@ -532,7 +517,7 @@ class Relay:
                     return
                 log.warning("cannot write results, retrying in %.1f s: %s", backoff, _one(exc))
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                backoff = min(backoff * 2, MAX_RETRY_DELAY)
                 continue
             backoff = 0.1
             del self._results[: len(batch)]

@@ -194,6 +194,12 @@ def assert_problem(
     return body
 
 
+def is_sequence(value: Any) -> bool:
+    """The CloudEvents sequence form of docs/api.md: 19 decimal digits, so that string order is
+    numeric order."""
+    return isinstance(value, str) and re.fullmatch(r"[0-9]{19}", value) is not None
+
+
 def is_rfc3339_utc(value: Any) -> bool:
     if not isinstance(value, str) or not _RFC3339_UTC.match(value):
         return False
@@ -215,8 +221,8 @@ def assert_envelope(event: Json) -> None:
     assert event["source"] == "payments"
     assert isinstance(event["type"], str)
     assert isinstance(event["subject"], str)
-    assert isinstance(event["sequence"], int) and not isinstance(event["sequence"], bool)
-    assert event["sequence"] >= 1
+    assert is_sequence(event["sequence"]), event["sequence"]
+    assert int(event["sequence"]) >= 1
     assert is_rfc3339_utc(event["time"]) and event["time"].endswith("Z")
     assert event["datacontenttype"] == "application/json"
     assert isinstance(event["data"], dict)
@@ -232,7 +238,7 @@ def check_chains(api: Api, accounts: list[str]) -> None:
     for e in events:
         per_subject[e["subject"]].append(e)
     for subject, evs in per_subject.items():
-        seqs = sorted(e["sequence"] for e in evs)
+        seqs = sorted(int(e["sequence"]) for e in evs)
         assert seqs == list(range(1, len(evs) + 1)), (subject, seqs)
     for acct in accounts:
         evs = sorted(per_subject[acct], key=lambda e: e["sequence"])

@@ -7,16 +7,28 @@ part, so parallel pytest processes against the same server never collide.
 `TEST_DATABASE_URL` names the server (its database is where CREATE DATABASE runs); the default is
 the local socket. `TEST_DATABASE_URL=private` runs the session on a throw-away cluster (tmpfs,
 fsync off), where a clone and a drop cost about a third of what they cost on a server with fsync on.
+
+Nothing is left behind. The session's connection to the server is checked before each use and
+replaced when the server closed it, so one blip (a restart, a terminated session) costs no test.
+SIGTERM stops the run as Ctrl-C does (pytest then tears every fixture down, dropping their
+databases), and whatever a teardown could not drop is dropped at exit. A run that dies without
+either (SIGKILL, a crash) leaves its databases marked with its pid, and the next session drops
+the databases of pids that no longer run.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import secrets
+import signal
 import socket
 import sys
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 import psycopg
 import pytest
@@ -43,12 +55,55 @@ if os.environ.get("CI"):
 
 DB_PREFIX = "payments_test_"
 _OWNER = f"pytest {socket.gethostname()} "
+RECONNECT_FOR = 30.0  # seconds the admin connection keeps trying while the server is away
 
 
-def _create(server: psycopg.Connection, name: str, template: str | None = None) -> None:
+class AdminConnection:
+    """The session's autocommit connection to the server's maintenance database. Checked with a
+    round trip before each use and replaced when the server closed it; a statement is never sent
+    twice (one that failed may have committed)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._conn: psycopg.Connection | None = None
+
+    def execute(self, query: Any, params: Any = None) -> psycopg.Cursor[Any]:
+        return self._connection().execute(query, params)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _connection(self) -> psycopg.Connection:
+        conn = self._conn
+        if conn is not None and not conn.closed and not conn.broken:
+            try:
+                conn.execute("SELECT 1")
+                return conn
+            except psycopg.OperationalError:
+                pass
+        self.close()
+        deadline = time.monotonic() + RECONNECT_FOR
+        while True:
+            try:
+                self._conn = psycopg.connect(self.url, autocommit=True)
+                return self._conn
+            except psycopg.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+
+# Databases this process created and has not dropped yet: what an exit must still drop.
+_created: dict[str, AdminConnection] = {}
+
+
+def _create(server: AdminConnection, name: str, template: str | None = None) -> None:
     query = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
     if template is not None:
         query = sql.SQL("{} TEMPLATE {}").format(query, sql.Identifier(template))
+    _created[name] = server
     server.execute(query)
     # Marks the owner, so a later session can remove what a killed one left behind.
     server.execute(
@@ -58,11 +113,31 @@ def _create(server: psycopg.Connection, name: str, template: str | None = None) 
     )
 
 
-def _drop(server: psycopg.Connection, name: str) -> None:
+def _drop(server: AdminConnection, name: str) -> None:
     server.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    _created.pop(name, None)
 
 
-def _sweep_orphans(server: psycopg.Connection) -> None:
+@atexit.register
+def _drop_leftovers() -> None:
+    """What a teardown did not drop (it failed, or never ran): dropped as the process exits."""
+    for name, server in list(_created.items()):
+        try:
+            _drop(server, name)
+        except psycopg.Error as exc:
+            sys.stderr.write(f"could not drop test database {name}: {exc}\n")
+
+
+def _stop_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    # As Ctrl-C: pytest stops, tears the fixtures down (dropping their databases) and exits.
+    raise KeyboardInterrupt
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+
+
+def _sweep_orphans(server: AdminConnection) -> None:
     """Drop test databases of dead pytest processes on this host (a killed run skips teardown)."""
     rows = server.execute(
         "SELECT d.datname, shobj_description(d.oid, 'pg_database') FROM pg_database d "
@@ -95,14 +170,18 @@ def pg_server_url() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def pg_server(pg_server_url: str) -> Iterator[psycopg.Connection]:
-    """An autocommit connection to the test server's maintenance database."""
-    with psycopg.connect(pg_server_url, autocommit=True) as server:
+def pg_server(pg_server_url: str) -> Iterator[AdminConnection]:
+    """An autocommit connection to the test server's maintenance database that outlives a blip
+    of the server."""
+    server = AdminConnection(pg_server_url)
+    try:
         yield server
+    finally:
+        server.close()
 
 
 @pytest.fixture(scope="session")
-def template_db(pg_server_url: str, pg_server: psycopg.Connection) -> Iterator[str]:
+def template_db(pg_server_url: str, pg_server: AdminConnection) -> Iterator[str]:
     """Name of a database migrated to head, cloned by `db_url`. Never connect to it in a test:
     CREATE DATABASE … TEMPLATE fails while the template has sessions."""
     _sweep_orphans(pg_server)
@@ -125,7 +204,7 @@ def _unique_name() -> str:
 
 
 @pytest.fixture
-def db_url(pg_server_url: str, pg_server: psycopg.Connection, template_db: str) -> Iterator[str]:
+def db_url(pg_server_url: str, pg_server: AdminConnection, template_db: str) -> Iterator[str]:
     """libpq URL of a fresh database at the newest migration, dropped WITH (FORCE) afterwards
     (connections the test left open are terminated)."""
     name = _unique_name()
@@ -137,7 +216,7 @@ def db_url(pg_server_url: str, pg_server: psycopg.Connection, template_db: str) 
 
 
 @pytest.fixture
-def empty_db_url(pg_server_url: str, pg_server: psycopg.Connection) -> Iterator[str]:
+def empty_db_url(pg_server_url: str, pg_server: AdminConnection) -> Iterator[str]:
     """URL of a database that exists but has no schema at all (for migration tests)."""
     name = _unique_name()
     _create(pg_server, name)
@@ -148,7 +227,7 @@ def empty_db_url(pg_server_url: str, pg_server: psycopg.Connection) -> Iterator[
 
 
 @pytest.fixture
-def missing_db_url(pg_server_url: str, pg_server: psycopg.Connection) -> Iterator[str]:
+def missing_db_url(pg_server_url: str, pg_server: AdminConnection) -> Iterator[str]:
     """URL of a database that does not exist (yet); dropped afterwards if the test created it.
     For `paymentsctl migrate`, which must create it."""
     name = _unique_name()

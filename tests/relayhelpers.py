@@ -207,7 +207,8 @@ def check_order(receipts: Sequence[Receipt], *, gapless: bool) -> None:
     sequences: dict[str, list[int]] = defaultdict(list)
     for r in receipts:
         if r.attempt == 1:
-            sequences[r.body["subject"]].append(r.body["sequence"])
+            assert isinstance(r.body["sequence"], str) and len(r.body["sequence"]) == 19
+            sequences[r.body["subject"]].append(int(r.body["sequence"]))
     for subject, seqs in sequences.items():
         assert seqs == sorted(seqs), f"{subject}: first arrivals out of order: {seqs}"
         if gapless:

@@ -21,6 +21,7 @@ from tests.apihelpers import (
     assert_problem,
     check_chains,
     created,
+    execute,
     new_merchant,
     start_api,
 )
@@ -60,7 +61,7 @@ def test_retrieve_event(api: Api) -> None:
     assert_envelope(event)
     assert event["type"] == "account.created"
     assert event["subject"] == acct["id"]
-    assert event["sequence"] == 1
+    assert event["sequence"] == "0000000000000000001"
     assert event["data"] == acct
 
 
@@ -117,7 +118,7 @@ def test_events_of_every_movement(db_url: str, api: Api) -> None:
     assert set(evs) == {"deposit.succeeded", "account.balance_changed"}
     assert [e["subject"] for e in evs["deposit.succeeded"]] == [dep["id"]]
     assert evs["deposit.succeeded"][0]["data"] == dep
-    assert evs["deposit.succeeded"][0]["sequence"] == 1
+    assert int(evs["deposit.succeeded"][0]["sequence"]) == 1
     [bc] = evs["account.balance_changed"]
     assert bc["subject"] == a["id"]
     assert bc["data"] == {"account": a["id"], "currency": "USD", "delta": 1_000,
@@ -127,7 +128,7 @@ def test_events_of_every_movement(db_url: str, api: Api) -> None:
     evs = by_type(new_events(api, seen))
     assert set(evs) == {"payment.succeeded", "account.balance_changed"}
     [ps] = evs["payment.succeeded"]
-    assert (ps["subject"], ps["sequence"], ps["data"]) == (pay["id"], 1, pay)
+    assert (ps["subject"], int(ps["sequence"]), ps["data"]) == (pay["id"], 1, pay)
     changes = {e["data"]["account"]: e["data"] for e in evs["account.balance_changed"]}
     assert len(evs["account.balance_changed"]) == 2
     assert changes[a["id"]] == {"account": a["id"], "currency": "USD", "delta": -300,
@@ -144,7 +145,7 @@ def test_events_of_every_movement(db_url: str, api: Api) -> None:
     assert rs["data"] == ref
     assert pr["data"] == {**pay, "amount_refunded": 100}
     assert pr["data"] == api.get(f"/v1/payments/{pay['id']}").json()
-    assert {rs["sequence"], pr["sequence"]} == {2, 3}
+    assert {int(rs["sequence"]), int(pr["sequence"])} == {2, 3}
     changes = {e["data"]["account"]: e["data"] for e in evs["account.balance_changed"]}
     assert changes[b["id"]]["delta"] == -100 and changes[b["id"]]["balance"] == 200
     assert changes[a["id"]]["delta"] == 100 and changes[a["id"]]["balance"] == 800
@@ -154,7 +155,7 @@ def test_events_of_every_movement(db_url: str, api: Api) -> None:
     evs = by_type(new_events(api, seen))
     assert set(evs) == {"payout.paid", "account.balance_changed"}
     [pp] = evs["payout.paid"]
-    assert (pp["subject"], pp["sequence"], pp["data"]) == (po["id"], 1, po)
+    assert (pp["subject"], int(pp["sequence"]), pp["data"]) == (po["id"], 1, po)
     [bc] = evs["account.balance_changed"]
     assert bc["data"] == {"account": a["id"], "currency": "USD", "delta": -50, "balance": 750,
                           "cause": {"object": "payout", "id": po["id"]}}
@@ -163,7 +164,7 @@ def test_events_of_every_movement(db_url: str, api: Api) -> None:
     evs = by_type(new_events(api, seen))
     assert set(evs) == {"payment.failed"}
     [pf] = evs["payment.failed"]
-    assert (pf["subject"], pf["sequence"], pf["data"]) == (failed["id"], 1, failed)
+    assert (pf["subject"], int(pf["sequence"]), pf["data"]) == (failed["id"], 1, failed)
 
     # refused requests emit nothing
     assert api.payout(a["id"], 10_000).status_code == 402
@@ -317,3 +318,27 @@ def test_the_subject_filter_reads_only_the_subjects_rows(db_url: str) -> None:
     pages = top["Shared Hit Blocks"] + top["Shared Read Blocks"]
     assert top["Actual Rows"] == 10
     assert pages < 50, f"{pages} pages for one subject's events: {plan}"
+
+
+def test_sequence_is_a_cloudevents_sequence_string_in_numeric_order(
+    db_url: str, api: Api
+) -> None:
+    """The CloudEvents sequence extension compares its values as strings: ours are 19 digits, so
+    string order is numeric order across 9 -> 10 and up to the largest bigint, and int() gives
+    the number back. The webhook body carries the same form (outbox/envelope.py renders both)."""
+    a = api.funded_account(100)
+    b = api.account()
+    for _ in range(10):
+        api.payment(a["id"], b["id"], 1)
+    events = api.events_of(a["id"])
+    assert len(events) == 12  # created, deposit, ten payments
+    sequences = [e["sequence"] for e in events]
+    assert sequences == sorted(sequences)
+    assert [int(s) for s in sequences] == list(range(1, 13))
+    assert sequences[8:10] == ["0000000000000000009", "0000000000000000010"]
+    # The counter's last value: a subject pushed to the largest bigint still sorts after 10.
+    execute(db_url, "UPDATE outbox.subjects SET last_sequence = 9223372036854775806"
+                    " WHERE subject = %s", (a["id"],))
+    api.payment(a["id"], b["id"], 1)
+    last = api.events_of(a["id"])[-1]["sequence"]
+    assert last == "9223372036854775807" and last > sequences[-1]

@@ -308,6 +308,13 @@ def test_usage_errors_exit_2_with_one_line(args: list[str]) -> None:
     assert "--help" in line
 
 
+@pytest.mark.parametrize("value", ["-1h", "-7d", "-30m"])
+def test_a_negative_duration_gets_a_readable_message(value: str) -> None:
+    for args in (("--older-than", value), (f"--older-than={value}",)):
+        line = assert_one_line_error(run(unreachable_url(), "outbox", "purge", *args), 2)
+        assert f"'{value}' is negative" in line and "e.g. 7d" in line, line
+
+
 def test_usage_error_names_the_problem() -> None:
     line = assert_one_line_error(run(unreachable_url(), "outbox", "redrive"), 2)
     assert line == (
@@ -631,6 +638,18 @@ def test_outbox_redrive_of_a_disabled_consumer_stays_parked(db_url: str, outbox:
 def test_outbox_redrive_unknown_consumer(db_url: str) -> None:
     line = assert_one_line_error(run(db_url, "outbox", "redrive", "--consumer", "we_ghost"), 1)
     assert "we_ghost" in line
+
+
+@pytest.mark.parametrize("json_flag", [(), ("--json",)])
+def test_outbox_dead_of_an_unknown_consumer_is_the_same_error_as_redrive(
+    db_url: str, json_flag: tuple[str, ...]
+) -> None:
+    """A mistyped name must not read as "nothing is dead": the error and exit status of
+    redrive (docs/operations.md)."""
+    dead = assert_one_line_error(run(db_url, "outbox", "dead", "--consumer", "we_ghost",
+                                     *json_flag), 1)
+    redrive = assert_one_line_error(run(db_url, "outbox", "redrive", "--consumer", "we_ghost"), 1)
+    assert dead == redrive == "paymentsctl: error: no consumer named 'we_ghost'"
 
 
 # --- outbox purge -------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import psycopg
@@ -23,7 +24,7 @@ from tests.support.receiver import Receiver
 
 def _ctl(db_url: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["paymentsctl", *args],
+        [str(Path(sys.executable).parent / "paymentsctl"), *args],
         env={**os.environ, "DATABASE_URL": db_url},
         capture_output=True,
         text=True,

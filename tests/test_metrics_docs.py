@@ -417,3 +417,35 @@ def test_several_workers_are_summed_in_multiprocess_mode(
             assert value(families, "payments_api_database_up") == 1
         # One process's own figures are not served: they would jump between workers.
         check_against_table("api", families, table, skip=("process_", "python_"))
+
+
+def _answers(host: str, port: int) -> bool:
+    try:
+        return httpx.get(f"http://{host}:{port}/metrics", timeout=5).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+@pytest.mark.parametrize(
+    ("args", "reachable", "unreachable"),
+    [
+        ((), "127.0.0.1", "127.0.0.2"),
+        (("--metrics-host", "127.0.0.2"), "127.0.0.2", "127.0.0.1"),
+        (("--metrics-host", "0.0.0.0"), "127.0.0.2", None),
+    ],
+)
+def test_the_relay_metrics_listen_on_127_0_0_1_unless_told_otherwise(
+    db_url: str, tmp_path: Path, args: tuple[str, ...], reachable: str, unreachable: str | None
+) -> None:
+    """Its series name every webhook endpoint: by default only this host may read them. A
+    socket bound to 127.0.0.1 refuses connections to 127.0.0.2 (another loopback address);
+    one bound to 0.0.0.0 accepts them."""
+    port = free_port()
+    relay = RelayProcess(db_url, tmp_path, args=["--metrics-port", str(port), *args])
+    try:
+        relay.start().wait_ready()
+        assert _answers(reachable, port), relay.log()
+        if unreachable is not None:
+            assert not _answers(unreachable, port)
+    finally:
+        relay.close()

@@ -376,7 +376,8 @@ def test_lists_and_reports_of_the_other_merchant_never_show_its_objects(
     listed = 0
     leaks = []
     for op in operations(t.doc):
-        if op.method != "get" or op.has_id:
+        if op.method != "get" or "{" in op.path:
+            # Paths with an id are the test above's; /problems/{code} names no one's object.
             continue
         params: dict[str, str] = {"day": today} if "day" in op.query_names() else {}
         variants = [params]

@@ -65,3 +65,23 @@ def test_dead_letters_answers(conn: psycopg.Connection) -> None:
         "last_error",
         "dead_since",
     } <= columns
+
+
+def test_every_public_table_and_column_has_a_comment(conn: psycopg.Connection) -> None:
+    rows = conn.execute(
+        "SELECT c.relname, NULL, obj_description(c.oid, 'pg_class') FROM pg_class c "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p', 'v', 'm') "
+        "UNION ALL "
+        "SELECT c.relname, a.attname, col_description(c.oid, a.attnum) FROM pg_class c "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped "
+        "WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p', 'v', 'm') "
+        "ORDER BY 1, 2 NULLS FIRST"
+    ).fetchall()
+    assert {"merchants", "accounts", "payments", "daily_reports", "alembic_version"} <= {
+        table for table, _, _ in rows
+    }
+    missing = [f"{table}.{column}" if column else table
+               for table, column, comment in rows if not comment]
+    assert missing == [], f"without COMMENT: {missing}"
