@@ -44,7 +44,7 @@ HTTP_TIMEOUT = 1.5
 CHAOS_ENV = {
     "OUTBOX_RETRY_SCHEDULE": "0,0.3,0.6,1,1.5,2,2,3,3,3",  # 16 s: outlives a receiver restart
     "OUTBOX_HTTP_TIMEOUT": str(HTTP_TIMEOUT),
-    "OUTBOX_LEASE_SECONDS": "3",
+    "OUTBOX_LEASE_SECONDS": "7",
 }
 SETTLE_SECONDS = 120
 

@@ -81,7 +81,7 @@ def endpoint(api: Api, receiver: Receiver, event_types: list[str]) -> tuple[str,
 
 
 def sequences(receipts: list[Receipt]) -> list[int]:
-    return [r.body["sequence"] for r in receipts]
+    return [int(r.body["sequence"]) for r in receipts]
 
 
 def leases(db_url: str, consumer: str) -> dict[str, object]:
@@ -238,7 +238,7 @@ def check_invariant(receipts: list[Receipt], fanned_out: dict[str, set[int]]) ->
         acknowledged: set[int] = set()
         failures: dict[int, int] = defaultdict(int)
         for r in arrivals:
-            sequence = r.body["sequence"]
+            sequence = int(r.body["sequence"])
             for earlier in sorted(s for s in fanned_out[subject] if s < sequence):
                 assert earlier in acknowledged or failures[earlier] >= SCHEDULE_LENGTH, (
                     f"{subject}: sequence {sequence} sent before {earlier} was answered "
